@@ -1,0 +1,321 @@
+"""8-bit image data for training and evaluating DiffEnc / VDM models.
+
+Every loader here returns images as exact uint8 tensors of shape (C, H, W) with values 0..255: the objective's
+discrete decoder defines a likelihood only for 8-bit data, so nothing is resized, converted between colour
+modes or cast. Images that are not 8-bit grayscale ("L") or 8-bit RGB ("RGB"), or whose size or channel count
+differ from what the model takes, raise a ``ValueError`` that names the image and what is accepted.
+
+Sources:
+  - ``"digits"``: scikit-learn's bundled 8x8 handwritten digits (1797 images, no download), see
+    :func:`load_digits_uint8`.
+  - a Hugging Face ``datasets`` name (e.g. ``"uoft-cs/cifar10"``) or a local ``imagefolder`` directory, see
+    :func:`load_image_dataset`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+DIGITS_NAME = "digits"
+"""The name of the built-in dataset (scikit-learn's 8x8 digits)."""
+
+DIGITS_NUM_TEST = 300
+"""Images of the digits test split; the other 1497 of the 1797 are the train split."""
+
+DIGITS_SPLIT_SEED = 0
+"""Seed of the fixed permutation that splits the digits into train and test."""
+
+DIGITS_SPLITS = ("train", "test", "all")
+
+PIL_MODE_CHANNELS = {"L": 1, "RGB": 3}
+"""The PIL modes accepted as 8-bit images, with their channel counts."""
+
+NUM_CHECKED_AT_START = 64
+"""How many images :meth:`UInt8ImageDataset.check_first` decodes and checks before training starts."""
+
+
+def load_digits_uint8(split: str = "train") -> torch.Tensor:
+    """scikit-learn's 8x8 handwritten digits as exact 8-bit images.
+
+    The 1797 images hold integers 0..16; each value v becomes the uint8 round(v * 255 / 16) (so 0 -> 0,
+    16 -> 255, 8 -> 128). The split is fixed: a permutation of the 1797 indices drawn with
+    ``numpy.random.default_rng(0)``; its first 1497 entries are ``"train"``, its last 300 ``"test"``
+    (``"all"`` is the 1797 images in scikit-learn's order).
+
+    Args:
+        split: ``"train"``, ``"test"`` or ``"all"``.
+
+    Returns:
+        uint8 tensor of shape (N, 1, 8, 8): N = 1497, 300 or 1797.
+    """
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"`split` of the digits must be one of {list(DIGITS_SPLITS)}, got {split!r}.")
+    from sklearn.datasets import load_digits
+
+    values = load_digits().images
+    images = torch.from_numpy(np.rint(values * 255.0 / 16.0).astype(np.uint8)).unsqueeze(1)
+    if split == "all":
+        return images
+    order = torch.from_numpy(np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(images)))
+    num_train = len(images) - DIGITS_NUM_TEST
+    return images[order[:num_train]] if split == "train" else images[order[num_train:]]
+
+
+def image_to_uint8(image: Any, where: str) -> torch.Tensor:
+    """One 8-bit image (a PIL image in mode "L" or "RGB", or a uint8 array) as a uint8 tensor (C, H, W).
+
+    A numpy array or tensor must be uint8 with shape (H, W), (H, W, C) or, for tensors, (C, H, W) with C in
+    {1, 3}. ``where`` names the image in error messages.
+    """
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        if image.mode not in PIL_MODE_CHANNELS:
+            raise ValueError(
+                f"{where} has PIL mode {image.mode!r}; only 8-bit images are accepted, in mode 'L' "
+                "(grayscale) or 'RGB'. Images are never converted here: convert the dataset first if that is "
+                "what you want."
+            )
+        array = np.array(image, dtype=np.uint8).reshape(image.height, image.width, -1)
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8:
+            raise ValueError(f"{where} is a tensor of dtype {image.dtype}; only uint8 images are accepted.")
+        if image.ndim == 2:
+            return image.unsqueeze(0).contiguous()
+        if image.ndim == 3 and image.shape[0] in (1, 3):
+            return image.contiguous()
+        raise ValueError(f"{where} is a tensor of shape {tuple(image.shape)}; expected (H, W), (1|3, H, W).")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(f"{where} is an array of dtype {image.dtype}; only uint8 images are accepted.")
+        if image.ndim == 2:
+            return torch.from_numpy(image.copy()).unsqueeze(0)
+        if image.ndim == 3 and image.shape[2] in (1, 3):
+            return torch.from_numpy(image.copy()).permute(2, 0, 1).contiguous()
+        raise ValueError(f"{where} is an array of shape {image.shape}; expected (H, W) or (H, W, 1|3).")
+    raise ValueError(
+        f"{where} is a {type(image).__name__}; expected a PIL image (mode 'L' or 'RGB') or a uint8 array."
+    )
+
+
+def check_image_shape(image: torch.Tensor, shape: Sequence[int] | None, where: str) -> None:
+    """Raise a ``ValueError`` unless the image (C, H, W) has ``shape`` (C, H, W); ``None`` accepts any."""
+    if shape is None or tuple(image.shape) == tuple(shape):
+        return
+    channels, height, width = shape
+    if image.shape[0] != channels:
+        raise ValueError(
+            f"{where} has {image.shape[0]} channel(s) but the model takes {channels} (its `in_channels`); "
+            "images are never converted between grayscale and RGB."
+        )
+    raise ValueError(
+        f"{where} is {image.shape[1]}x{image.shape[2]} (height x width) but the model takes "
+        f"{height}x{width} (`--resolution` {height}); images are never resized: use the resolution of the "
+        "data or resize the dataset beforehand."
+    )
+
+
+class UInt8ImageDataset(Dataset):
+    """A map-style dataset of uint8 images (C, H, W), each checked against ``shape`` when it is read.
+
+    Args:
+        images: a uint8 tensor (N, C, H, W), or any sequence whose items are images accepted by
+            :func:`image_to_uint8` (a Hugging Face dataset column is read lazily through ``rows``).
+        shape: the (C, H, W) every image must have; ``None`` to accept any.
+        name: how the source is named in error messages.
+        rows: for a Hugging Face dataset, the dataset; ``images`` is then the name of its image column.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor | Sequence[Any] | str,
+        shape: Sequence[int] | None = None,
+        name: str = "dataset",
+        rows: Any = None,
+    ):
+        self.images = images
+        self.rows = rows
+        self.shape = tuple(shape) if shape is not None else None
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        where = f"Image {index} of {self.name}"
+        if self.rows is not None:
+            image = image_to_uint8(self.rows[int(index)][self.images], where)
+        elif isinstance(self.images, torch.Tensor):
+            image = self.images[index]
+        else:
+            image = image_to_uint8(self.images[index], where)
+        check_image_shape(image, self.shape, where)
+        return image
+
+    def check_first(self, count: int = NUM_CHECKED_AT_START) -> None:
+        """Decode and check the first ``count`` images (all of a tensor), so bad data fails at start."""
+        if isinstance(self.images, torch.Tensor):
+            if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+                raise ValueError(
+                    f"{self.name} must be a uint8 tensor (N, C, H, W), got {self.images.dtype} of shape "
+                    f"{tuple(self.images.shape)}."
+                )
+            if len(self.images):
+                check_image_shape(self.images[0], self.shape, f"Every image of {self.name}")
+            return
+        if len(self) == 0:
+            raise ValueError(f"{self.name} holds no images.")
+        for index in range(min(count, len(self))):
+            self[index]
+
+    def to_tensor(self) -> torch.Tensor:
+        """All images stacked: uint8 (N, C, H, W)."""
+        if isinstance(self.images, torch.Tensor):
+            return self.images
+        return torch.stack([self[index] for index in range(len(self))])
+
+
+def find_image_column(column_types: dict[str, Any], image_column: str | None, name: str) -> str:
+    """The image column of a dataset: ``image_column`` if given (it must exist), else its ``Image`` column.
+
+    Args:
+        column_types: the dataset's ``features`` (column name -> feature type).
+        image_column: the column the user named, or ``None`` to find it.
+        name: how the dataset is named in error messages.
+    """
+    from datasets import Image as ImageFeature
+
+    if image_column is not None:
+        if image_column not in column_types:
+            raise ValueError(
+                f"`--image_column` {image_column!r} is not a column of {name}; its columns are "
+                f"{list(column_types)}."
+            )
+        return image_column
+    image_columns = [column for column, feature in column_types.items() if isinstance(feature, ImageFeature)]
+    if len(image_columns) == 1:
+        return image_columns[0]
+    if not image_columns:
+        raise ValueError(
+            f"{name} has no column of type datasets.Image (columns: {list(column_types)}); "
+            "pass `--image_column`."
+        )
+    raise ValueError(f"{name} has several image columns {image_columns}; choose one with `--image_column`.")
+
+
+HOLDOUT_SEED = 0
+"""Seed of the permutation that holds out test images from a dataset without a test split."""
+
+
+def holdout_indices(num_images: int, num_test: int) -> tuple[list[int], list[int]]:
+    """(train, test) indices of a fixed split: the last ``num_test`` entries of a permutation drawn with
+    ``numpy.random.default_rng(HOLDOUT_SEED)`` are the test images, the others (in permutation order) the
+    train images."""
+    if not 0 < num_test < num_images:
+        raise ValueError(f"Cannot hold out {num_test} test images from {num_images}: need 0 < test < total.")
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(num_images).tolist()
+    return order[: num_images - num_test], order[num_images - num_test :]
+
+
+def load_image_splits(
+    dataset_name: str | None = None,
+    data_dir: str | None = None,
+    shape: Sequence[int] | None = None,
+    image_column: str | None = None,
+    config_name: str | None = None,
+    cache_dir: str | None = None,
+    train_split: str | None = "train",
+    test_split: str = "test",
+    holdout_fraction: float = 0.05,
+) -> tuple[UInt8ImageDataset | None, UInt8ImageDataset, str]:
+    """The train and test splits of a dataset, an ``imagefolder`` directory or the digits, as 8-bit images.
+
+    Exactly one of ``dataset_name`` and ``data_dir`` is given; ``dataset_name="digits"`` is the built-in
+    dataset (:func:`load_digits_uint8`). If the source has no split named ``test_split``, a fixed
+    ``holdout_fraction`` of ``train_split`` (at least one image) is held out as the test set with
+    :func:`holdout_indices`, and the train set is the rest, so training never sees a test image. The first
+    :data:`NUM_CHECKED_AT_START` images of each split are decoded and checked here (8-bit mode, channels and
+    size equal to ``shape``), the others when they are read.
+
+    Args:
+        dataset_name: a datasets name or path (e.g. ``"uoft-cs/cifar10"``), or ``"digits"``.
+        data_dir: an image folder in the layout of datasets' ``imagefolder`` builder.
+        shape: (C, H, W) every image must have; ``None`` to accept any.
+        image_column: the column holding the images; found automatically when ``None``.
+        config_name: the dataset's configuration name, if it has several.
+        cache_dir: where datasets keeps its downloads and cache.
+        train_split: the training split, or ``None`` to load only the test set.
+        test_split: the held-out split.
+        holdout_fraction: the fraction of ``train_split`` held out when there is no ``test_split``, in (0, 1).
+
+    Returns:
+        (train, test, description): the datasets (train is ``None`` if ``train_split`` is ``None``) and a
+        sentence saying where the test set comes from.
+
+    Raises:
+        ValueError: a split does not exist, no image column is found, or an image is not 8-bit or has the
+            wrong size or channel count.
+    """
+    if (dataset_name is None) == (data_dir is None):
+        raise ValueError("Give exactly one of `dataset_name` and `data_dir`.")
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"`holdout_fraction` must be in (0, 1), got {holdout_fraction}.")
+    if dataset_name == DIGITS_NAME:
+        for split in (train_split, test_split):
+            if split is not None and split not in ("train", "test"):
+                raise ValueError(f"The digits dataset has the splits ['train', 'test'], not {split!r}.")
+        test_name = f"the digits split {test_split!r}"
+        test = UInt8ImageDataset(load_digits_uint8(test_split), shape, name=test_name)
+        test.check_first()
+        train = None
+        if train_split is not None:
+            train = UInt8ImageDataset(
+                load_digits_uint8(train_split), shape, name=f"the digits split {train_split!r}"
+            )
+            train.check_first()
+        description = f"digits split {test_split!r} ({len(test)} of 1797 images, seed {DIGITS_SPLIT_SEED})"
+        return train, test, description
+
+    import datasets
+
+    if data_dir is not None:
+        all_splits = datasets.load_dataset("imagefolder", data_dir=data_dir, cache_dir=cache_dir)
+        name = f"the image folder {data_dir!r}"
+    else:
+        all_splits = datasets.load_dataset(dataset_name, config_name, cache_dir=cache_dir)
+        name = f"the dataset {dataset_name!r}"
+
+    def rows_of(split: str) -> Any:
+        if split not in all_splits:
+            raise ValueError(f"{name} has no split {split!r}; its splits are {list(all_splits)}.")
+        return all_splits[split]
+
+    def wrap(rows: Any, label: str) -> UInt8ImageDataset:
+        column = find_image_column(dict(rows.features), image_column, name)
+        dataset = UInt8ImageDataset(column, shape, name=f"{name} ({label}, column {column!r})", rows=rows)
+        dataset.check_first()
+        return dataset
+
+    if test_split in all_splits:
+        test = wrap(rows_of(test_split), f"split {test_split!r}")
+        train = wrap(rows_of(train_split), f"split {train_split!r}") if train_split is not None else None
+        return train, test, f"split {test_split!r} of {name[4:]} ({len(test)} images)"
+    source_split = train_split or "train"
+    source = rows_of(source_split)
+    num_test = max(1, round(holdout_fraction * len(source)))
+    train_indices, test_indices = holdout_indices(len(source), num_test)
+    test = wrap(source.select(test_indices), f"{num_test} images held out of split {source_split!r}")
+    train = None
+    if train_split is not None:
+        train = wrap(source.select(train_indices), f"split {source_split!r} without the held-out images")
+    description = (
+        f"{num_test} images held out of split {source_split!r} of {name[4:]} (no {test_split!r} split; "
+        f"fraction {holdout_fraction}, seed {HOLDOUT_SEED})"
+    )
+    return train, test, description

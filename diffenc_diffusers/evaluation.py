@@ -1,0 +1,496 @@
+"""Likelihood evaluation, sample grids and the encoder figure for DiffEnc / VDM pipelines.
+
+The console command ``diffenc-evaluate`` (also ``python training/evaluate_diffenc.py``) runs :func:`main`:
+
+    diffenc-evaluate --pipeline outputs/digits --dataset digits --num_timesteps 10 100 --repeats 3 \\
+        --output_json outputs/digits/eval.json --sample_grid outputs/digits/samples.png \\
+        --encoder_figure outputs/digits/encoder.png
+
+It writes a JSON file with the test-set negative ELBO in bits per dimension, in continuous time and for each
+requested number of steps T (mean, standard error over images, standard error over repeated draws of t and
+the noise, and the mean of each term), plus the mean diffusion term at each t of a grid, which shows where the
+loss comes from. training/README.md documents every field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .discretization import uint8_to_grid
+from .objective import DiffEncObjective
+
+TERMS = ("bpd", "loss_recon", "loss_klz", "loss_diff")
+"""The per-image terms, in bits/dim: the total and its reconstruction, prior and diffusion parts."""
+
+
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The seed of repeat ``repeat``'s generator (a fixed function of both, so repeats are independent)."""
+    words = np.random.SeedSequence([seed, repeat]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+def _objective(pipe: Any, num_timesteps: int | None) -> DiffEncObjective:
+    """The ELBO of the pipeline's networks and schedule, with T = ``num_timesteps`` (None: continuous)."""
+    return DiffEncObjective(
+        pipe.unet, pipe.scheduler, getattr(pipe, "encoder", None), num_timesteps=num_timesteps
+    )
+
+
+def _device(pipe: Any) -> torch.device:
+    return next(pipe.unet.parameters()).device
+
+
+@torch.no_grad()
+def bits_per_dim_terms(
+    pipe: Any,
+    images: torch.Tensor,
+    batch_size: int = 128,
+    num_timesteps: int | None = None,
+    seed: int = 0,
+    repeats: int = 1,
+) -> dict[str, np.ndarray]:
+    """Per-image negative ELBO terms in bits/dim, for ``repeats`` independent draws of t and the noise.
+
+    Draw r uses a generator seeded with :func:`repeat_seed` (seed, r), passed through
+    ``pipe.bits_per_dim``. Within a batch t is low-discrepancy, as in training.
+
+    Args:
+        pipe: a DiffEncPipeline (its unet, scheduler and encoder are used).
+        images: uint8 (N, C, H, W).
+        batch_size: images per forward pass.
+        num_timesteps: T of the diffusion loss; None for continuous time.
+        seed: base seed of the draws.
+        repeats: number of independent draws.
+
+    Returns:
+        ``{term: array of shape (repeats, N)}`` for each of :data:`TERMS`, float64, bits/dim.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(
+            f"`images` must be uint8 (N, C, H, W), got {images.dtype} of shape {tuple(images.shape)}."
+        )
+    device = _device(pipe)
+    results: dict[str, list[np.ndarray]] = {term: [] for term in TERMS}
+    for repeat in range(repeats):
+        generator = torch.Generator(device=device).manual_seed(repeat_seed(seed, repeat))
+        output = pipe.bits_per_dim(
+            images.to(device), batch_size=batch_size, num_timesteps=num_timesteps, generator=generator
+        )
+        for term in TERMS:
+            results[term].append(torch.as_tensor(getattr(output, term)).double().cpu().numpy())
+    return {term: np.stack(values) for term, values in results.items()}
+
+
+def standard_error(values: np.ndarray) -> float | None:
+    """Standard error of the mean of a 1-D sample (None for fewer than two values)."""
+    if values.size < 2:
+        return None
+    return float(values.std(ddof=1) / math.sqrt(values.size))
+
+
+def summarize_terms(terms: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Mean and standard errors of per-image terms of shape (repeats, N).
+
+    Returns a dict with ``bpd`` (the mean over images and draws), ``se_images`` (standard error over the N
+    images of each image's mean over draws), ``se_repeats`` (standard error over the draws of each draw's mean
+    over images; None for one draw), the mean of each term (``loss_recon``, ``loss_klz``, ``loss_diff``),
+    ``num_images`` and ``repeats``. All values are bits/dim.
+    """
+    bpd = terms["bpd"]
+    summary = {
+        "bpd": float(bpd.mean()),
+        "se_images": standard_error(bpd.mean(axis=0)),
+        "se_repeats": standard_error(bpd.mean(axis=1)),
+    }
+    summary.update({term: float(terms[term].mean()) for term in TERMS[1:]})
+    summary.update({"num_images": int(bpd.shape[1]), "repeats": int(bpd.shape[0])})
+    return summary
+
+
+@torch.no_grad()
+def diffusion_bpd_per_t(
+    pipe: Any,
+    images: torch.Tensor,
+    t_values: list[float],
+    num_timesteps: int | None = None,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """The diffusion term at fixed times t, averaged over images: where the loss comes from.
+
+    In continuous time the diffusion term of one image is an expectation over t ~ U(0, 1) of the value at t,
+    so the mean over an even grid of t (midpoints) estimates the diffusion bits/dim. With T steps, t selects
+    the step from (i + 1) / T to i / T with i = floor(t T).
+
+    Returns:
+        one dict per t: ``t``, ``loss_diff`` (mean over images, bits/dim) and ``se`` (its standard error
+        over images).
+    """
+    objective = _objective(pipe, num_timesteps)
+    device = _device(pipe)
+    rows = []
+    for index, t_value in enumerate(t_values):
+        generator = torch.Generator(device=device).manual_seed(repeat_seed(seed, 1_000_003 + index))
+        values = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].to(device)
+            t = torch.full((len(batch),), float(t_value), dtype=torch.float64, device=device)
+            values.append(objective(batch, t=t, generator=generator).loss_diff.double().cpu())
+        per_image = torch.cat(values).numpy()
+        rows.append(
+            {"t": float(t_value), "loss_diff": float(per_image.mean()), "se": standard_error(per_image)}
+        )
+    return rows
+
+
+def t_grid(num_points: int) -> list[float]:
+    """Midpoints (k + 0.5) / K of K = ``num_points`` equal intervals of [0, 1]."""
+    return [(k + 0.5) / num_points for k in range(num_points)]
+
+
+def make_grid(images: np.ndarray, min_cell: int = 32) -> np.ndarray:
+    """Tile uint8 images (N, H, W, C) into a near-square grid (uint8, H', W', C) with 1-pixel gaps.
+
+    Small images are enlarged by an integer factor (nearest neighbour) so each cell is at least ``min_cell``
+    pixels high; this is for display only.
+    """
+    count, height, width, channels = images.shape
+    scale = max(1, math.ceil(min_cell / height))
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    height, width = height * scale, width * scale
+    columns = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    grid = np.zeros((rows * (height + 1) + 1, columns * (width + 1) + 1, channels), dtype=np.uint8)
+    for index in range(count):
+        row, column = divmod(index, columns)
+        top, left = 1 + row * (height + 1), 1 + column * (width + 1)
+        grid[top : top + height, left : left + width] = images[index]
+    return grid
+
+
+def save_png(array: np.ndarray, path: str | Path) -> Path:
+    """Save a uint8 image (H, W, 1 or 3) as PNG, creating the folder."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+    return path
+
+
+def generate_samples(
+    pipe: Any,
+    num_images: int,
+    seed: int = 0,
+    num_inference_steps: int = 256,
+    batch_size: int = 128,
+    eta: float = 1.0,
+) -> np.ndarray:
+    """``num_images`` samples as uint8 (N, H, W, C), drawn with one generator seeded with ``seed``."""
+    device = _device(pipe)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    chunks = []
+    for start in range(0, num_images, batch_size):
+        output = pipe(
+            batch_size=min(batch_size, num_images - start),
+            generator=generator,
+            num_inference_steps=num_inference_steps,
+            output_type="np",
+            eta=eta,
+        )
+        chunks.append(np.asarray(output.images))
+    images = np.concatenate(chunks)
+    if images.ndim == 3:
+        images = images[..., None]
+    return np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def save_sample_grid(
+    pipe: Any,
+    path: str | Path,
+    num_images: int = 64,
+    seed: int = 0,
+    num_inference_steps: int = 256,
+    batch_size: int = 128,
+    eta: float = 1.0,
+) -> np.ndarray:
+    """Sample ``num_images`` images and save them as one grid PNG at ``path``; returns the grid (H, W, C)."""
+    grid = make_grid(generate_samples(pipe, num_images, seed, num_inference_steps, batch_size, eta))
+    save_png(grid, path)
+    return grid
+
+
+@torch.no_grad()
+def save_encoder_figure(
+    pipe: Any, images: torch.Tensor, t_values: list[float], path: str | Path
+) -> Path | None:
+    """The encoder figure of the DiffEnc paper: for each image (a row), x, then x_phi(x, t) - x and
+    y_phi(x, t) at each t.
+
+    Each difference and y panel is scaled to its own symmetric range (shown in its title) with a diverging
+    colour map for grayscale, or mapped to [0, 1] per panel for RGB. A non-trainable DiffEnc has no y panels
+    (x_phi - x = -sigma_t^2 x). A VDM has no encoder (x_phi = x): nothing is drawn and None is returned.
+
+    Args:
+        pipe: the pipeline.
+        images: uint8 (N, C, H, W), a few test images.
+        t_values: times in [0, 1].
+        path: where the PNG goes.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    objective = _objective(pipe, None)
+    if objective.encoder_type == "none":
+        return None
+    device = _device(pipe)
+    x = uint8_to_grid(images.to(device))
+    rows = []
+    for t_value in t_values:
+        gamma = objective.gamma(torch.full((len(x),), float(t_value), device=device))
+        encoding = objective.encode(x, gamma)
+        rows.append((encoding.x_phi - x, encoding.y))
+    with_y = objective.encoder_type == "trainable"
+    columns = 1 + len(t_values) * (2 if with_y else 1)
+    figure, axes = plt.subplots(len(x), columns, figsize=(1.3 * columns, 1.4 * len(x)), squeeze=False)
+
+    def show(axis: Any, value: torch.Tensor, title: str, signed: bool) -> None:
+        array = value.float().cpu().permute(1, 2, 0).numpy()
+        if array.shape[-1] == 1:
+            limit = float(np.abs(array).max()) if signed else 1.0
+            axis.imshow(
+                array[..., 0], cmap="RdBu_r" if signed else "gray", vmin=-limit or -1, vmax=limit or 1
+            )
+        else:
+            low, high = float(array.min()), float(array.max())
+            axis.imshow((array - low) / (high - low) if high > low else np.zeros_like(array))
+        axis.set_title(title, fontsize=6)
+        axis.set_xticks([])
+        axis.set_yticks([])
+
+    for row in range(len(x)):
+        show(axes[row, 0], x[row], "x", signed=False)
+        for column, t_value in enumerate(t_values):
+            difference, y = rows[column]
+            scale = float(difference[row].abs().max())
+            index = 1 + column * (2 if with_y else 1)
+            show(
+                axes[row, index],
+                difference[row],
+                f"x_phi - x, t={t_value:.2f}\n|max| {scale:.2g}",
+                signed=True,
+            )
+            if with_y:
+                y_scale = float(y[row].abs().max())
+                show(
+                    axes[row, index + 1], y[row], f"y_phi, t={t_value:.2f}\n|max| {y_scale:.2g}", signed=True
+                )
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def load_pipeline(name_or_path: str, device: str | None = None) -> Any:
+    """A DiffEncPipeline from a local folder or a Hub id on ``device`` (default: cuda if present)."""
+    from .pipeline_diffenc import DiffEncPipeline
+
+    pipe = DiffEncPipeline.from_pretrained(name_or_path)
+    pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def evaluate(
+    pipe: Any,
+    images: torch.Tensor,
+    num_timesteps: list[int],
+    repeats: int = 1,
+    batch_size: int = 128,
+    seed: int = 0,
+    t_grid_points: int = 20,
+    t_grid_num_images: int | None = 256,
+) -> dict[str, Any]:
+    """Test-set bits/dim in continuous time and for each T in ``num_timesteps``.
+
+    Returns a dict with ``continuous`` and ``discrete`` (T as a string -> result); each result is
+    :func:`summarize_terms`' dict plus ``bpd_per_t`` (:func:`diffusion_bpd_per_t` on ``t_grid_points``
+    midpoints, over the first ``t_grid_num_images`` images, all if None), ``bpd_per_t_mean`` (the mean of that
+    curve, an estimate of ``loss_diff``) and ``seconds``.
+    """
+    grid = t_grid(t_grid_points)
+    grid_images = images if t_grid_num_images is None else images[:t_grid_num_images]
+
+    def run(steps: int | None) -> dict[str, Any]:
+        started = time.perf_counter()
+        summary = summarize_terms(bits_per_dim_terms(pipe, images, batch_size, steps, seed, repeats))
+        per_t = diffusion_bpd_per_t(pipe, grid_images, grid, steps, batch_size, seed)
+        summary["bpd_per_t"] = per_t
+        summary["bpd_per_t_mean"] = float(np.mean([row["loss_diff"] for row in per_t]))
+        summary["bpd_per_t_num_images"] = len(grid_images)
+        summary["seconds"] = time.perf_counter() - started
+        return summary
+
+    return {"continuous": run(None), "discrete": {str(steps): run(steps) for steps in num_timesteps}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``diffenc-evaluate`` command line."""
+    parser = argparse.ArgumentParser(
+        prog="diffenc-evaluate",
+        description="Test-set bits/dim (continuous and T-step), a sample grid and the encoder figure of a "
+        "DiffEnc / VDM pipeline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--pipeline", required=True, help="A saved pipeline folder or a Hub model id.")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--dataset", "--dataset_name", dest="dataset", help="'digits' or a datasets name.")
+    data.add_argument("--train_data_dir", help="An imagefolder directory (its test split or held-out part).")
+    parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument("--image_column", default=None)
+    parser.add_argument("--split", default="test", help="The split to evaluate.")
+    parser.add_argument(
+        "--holdout_fraction",
+        type=float,
+        default=0.05,
+        help="As in training: the held-out fraction of 'train' when the data has no --split.",
+    )
+    parser.add_argument("--cache_dir", default=None)
+    parser.add_argument(
+        "--num_images", type=int, default=None, help="Evaluate the first N images (default all)."
+    )
+    parser.add_argument(
+        "--num_timesteps", type=int, nargs="*", default=[], help="T values of discrete-time bpd."
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="Independent draws of t and the noise per image."
+    )
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--t_grid_points", type=int, default=20, help="Points of the per-t diffusion curve.")
+    parser.add_argument("--t_grid_num_images", type=int, default=256, help="Images of the per-t curve.")
+    parser.add_argument("--output_json", required=True, help="Where the results JSON goes.")
+    parser.add_argument("--sample_grid", default=None, help="PNG path for a sample grid (omit: no sampling).")
+    parser.add_argument("--num_samples", type=int, default=64)
+    parser.add_argument("--num_inference_steps", type=int, default=256)
+    parser.add_argument("--eta", type=float, default=1.0, help="1: ancestral sampler, 0: deterministic.")
+    parser.add_argument(
+        "--encoder_figure", default=None, help="PNG path for the encoder figure (DiffEnc only)."
+    )
+    parser.add_argument("--encoder_figure_images", type=int, default=4)
+    parser.add_argument("--encoder_figure_t", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
+    return parser
+
+
+def _check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value < 1:
+        raise ValueError(f"`--{name}` must be a positive integer, got {value!r}.")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run ``diffenc-evaluate``; returns the result dict that is also written to ``--output_json``."""
+    from .data import load_image_splits
+
+    args = build_parser().parse_args(argv)
+    for name in ("repeats", "batch_size", "t_grid_points", "num_samples", "num_inference_steps"):
+        _check_positive(name, getattr(args, name))
+    for name in ("num_images", "t_grid_num_images"):
+        _check_positive(name, getattr(args, name), allow_none=True)
+    for steps in args.num_timesteps:
+        _check_positive("num_timesteps", steps)
+    if any(not 0.0 <= t <= 1.0 for t in args.encoder_figure_t):
+        raise ValueError(f"`--encoder_figure_t` values must be in [0, 1], got {args.encoder_figure_t}.")
+
+    started = time.perf_counter()
+    pipe = load_pipeline(args.pipeline, args.device)
+    config = pipe.unet.config
+    shape = (int(config.in_channels), int(config.sample_size), int(config.sample_size))
+    _, test, description = load_image_splits(
+        dataset_name=args.dataset,
+        data_dir=args.train_data_dir,
+        shape=shape,
+        image_column=args.image_column,
+        config_name=args.dataset_config_name,
+        cache_dir=args.cache_dir,
+        train_split=None,
+        test_split=args.split,
+        holdout_fraction=args.holdout_fraction,
+    )
+    images = test.to_tensor()
+    if args.num_images is not None:
+        images = images[: args.num_images]
+
+    results = evaluate(
+        pipe,
+        images,
+        args.num_timesteps,
+        repeats=args.repeats,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        t_grid_points=args.t_grid_points,
+        t_grid_num_images=args.t_grid_num_images,
+    )
+    output: dict[str, Any] = {
+        "pipeline": args.pipeline,
+        "encoder_type": pipe.scheduler.config.encoder_type,
+        "dataset": args.dataset or args.train_data_dir,
+        "split": args.split,
+        "test_set": description,
+        "num_images": len(images),
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "seeds": [repeat_seed(args.seed, repeat) for repeat in range(args.repeats)],
+        **results,
+        "sample_grid": None,
+        "encoder_figure": None,
+    }
+    if args.sample_grid is not None:
+        sampling_started = time.perf_counter()
+        save_sample_grid(
+            pipe,
+            args.sample_grid,
+            args.num_samples,
+            args.seed,
+            args.num_inference_steps,
+            args.batch_size,
+            args.eta,
+        )
+        output["sample_grid"] = str(args.sample_grid)
+        output["sampling"] = {
+            "num_samples": args.num_samples,
+            "num_inference_steps": args.num_inference_steps,
+            "eta": args.eta,
+            "seconds": time.perf_counter() - sampling_started,
+        }
+    if args.encoder_figure is not None:
+        figure = save_encoder_figure(
+            pipe, images[: args.encoder_figure_images], args.encoder_figure_t, args.encoder_figure
+        )
+        output["encoder_figure"] = str(figure) if figure is not None else None
+    output["seconds"] = time.perf_counter() - started
+
+    path = Path(args.output_json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(output, indent=1))
+    continuous = output["continuous"]
+    print(f"{description}: {continuous['bpd']:.4f} bits/dim (continuous time), written to {path}")
+    return output
+
+
+if __name__ == "__main__":
+    main()

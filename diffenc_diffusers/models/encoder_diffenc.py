@@ -1,0 +1,316 @@
+"""The DiffEnc encoder network ``y_phi(x, gamma)`` (the ``unet_mult_res`` encoder of bemigini/DiffEnc)."""
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+from torch.nn import functional as F
+
+from .blocks import (
+    AttentionBlock,
+    ResnetBlock,
+    UpcastGroupNorm,
+    check_dropout,
+    check_gamma_range,
+    check_group_divisible,
+    check_int,
+    check_sample,
+)
+from .embeddings import GammaEmbedding, prepare_gamma
+
+DEFAULT_BLOCK_OUT_CHANNELS = [64, 128]
+"""`block_out_channels` of the paper's DiffEnc-32-4 CIFAR-10 encoder, used when none are given."""
+
+
+@dataclass
+class DiffEncEncoderOutput(BaseOutput):
+    r"""
+    Output of [`DiffEncEncoderModel`].
+
+    Args:
+        sample (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`):
+            ``y = tanh(h)``, values in `(-1, 1)`; exactly 0 at initialisation.
+    """
+
+    sample: torch.Tensor
+
+
+class EncoderDownBlock(nn.Module):
+    r"""
+    One resolution level of the encoder's contracting path: `num_layers` ResNet blocks, then a 2x2 max-pool.
+
+    Args:
+        in_channels (`int`): Channels of the input.
+        out_channels (`int`): Channels of the level (all its ResNet blocks output this many).
+        temb_channels (`int`): Width of the gamma embedding.
+        num_layers (`int`): ResNet blocks in the level (at least 1).
+        dropout (`float`): Dropout probability inside the ResNet blocks.
+        norm_num_groups (`int`): Groups of every GroupNorm.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        num_layers: int,
+        dropout: float,
+        norm_num_groups: int,
+    ):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [
+                ResnetBlock(
+                    in_channels if index == 0 else out_channels,
+                    out_channels,
+                    temb_channels,
+                    dropout,
+                    norm_num_groups,
+                )
+                for index in range(num_layers)
+            ]
+        )
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`).
+            temb (`torch.Tensor` of shape `(batch_size, temb_channels)`).
+
+        Returns:
+            `tuple`: The pooled output, shape `(batch_size, out_channels, height // 2, width // 2)`, and the
+            skip connection before pooling, shape `(batch_size, out_channels, height, width)`.
+        """
+        for resnet in self.resnets:
+            hidden_states = resnet(hidden_states, temb)
+        return F.max_pool2d(hidden_states, kernel_size=2), hidden_states
+
+
+class EncoderUpBlock(nn.Module):
+    r"""
+    One resolution level of the encoder's expanding path: a stride-2 transposed convolution, concatenation
+    with the level's skip connection, then `num_layers` ResNet blocks.
+
+    Args:
+        in_channels (`int`): Channels of the (lower-resolution) input.
+        out_channels (`int`): Channels of the level (and of its skip connection).
+        temb_channels (`int`): Width of the gamma embedding.
+        num_layers (`int`): ResNet blocks in the level (at least 1).
+        dropout (`float`): Dropout probability inside the ResNet blocks.
+        norm_num_groups (`int`): Groups of every GroupNorm.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        num_layers: int,
+        dropout: float,
+        norm_num_groups: int,
+    ):
+        super().__init__()
+        self.upsample = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.resnets = nn.ModuleList(
+            [
+                ResnetBlock(
+                    2 * out_channels if index == 0 else out_channels,
+                    out_channels,
+                    temb_channels,
+                    dropout,
+                    norm_num_groups,
+                )
+                for index in range(num_layers)
+            ]
+        )
+
+    def forward(self, hidden_states: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        r"""
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch_size, in_channels, height // 2, width // 2)`).
+            skip (`torch.Tensor` of shape `(batch_size, out_channels, height, width)`).
+            temb (`torch.Tensor` of shape `(batch_size, temb_channels)`).
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, out_channels, height, width)`.
+        """
+        hidden_states = torch.cat([self.upsample(hidden_states), skip], dim=1)
+        for resnet in self.resnets:
+            hidden_states = resnet(hidden_states, temb)
+        return hidden_states
+
+
+class DiffEncEncoderModel(ModelMixin, ConfigMixin):
+    r"""
+    The DiffEnc encoder network ``y_phi(x, gamma) = tanh(h)``, with ``h`` a small multi-resolution U-Net
+    conditioned on gamma (= -log SNR). The trainable DiffEnc encoding is
+    ``x_phi(x, t) = alpha_t^2 x + sigma_t^2 y_phi(x, gamma_t)``; that combination is the objective's job.
+
+    Layout (as the official ``unet_mult_res`` encoder): a 3x3 convolution to ``block_out_channels[0]``; per
+    level ``i``, `layers_per_block` ResNet blocks with ``block_out_channels[i]`` channels followed by a 2x2
+    max-pool (every level pools, the last included); a middle ResNet, self-attention, ResNet at
+    ``block_out_channels[-1]`` channels and ``1 / 2**len(block_out_channels)`` of the input resolution; per
+    level, deepest first, a stride-2 transposed convolution, concatenation with the level's pre-pool output,
+    and `layers_per_block` ResNet blocks; GroupNorm, SiLU, a zero-initialised 3x3 convolution to
+    `in_channels`, and tanh. At initialisation the output is exactly 0. The input is not given Fourier
+    features (the official encoder does not use them either).
+
+    The gamma embedding is the same as the denoiser's: sinusoidal embedding of width ``block_out_channels[0]``
+    of ``1000 * (gamma - gamma_min) / (gamma_max - gamma_min)``, then an MLP to ``4 * block_out_channels[0]``.
+    The network works under `torch.func.jvp` with respect to gamma (no in-place operations; the middle
+    attention runs on the math backend of `F.scaled_dot_product_attention`, the only one with a forward-mode
+    derivative), which is how the objective obtains ``dy / dgamma``.
+
+    The defaults are the paper's DiffEnc-32-4 CIFAR-10 encoder (official config ``n_embd=64, n_layer=4``,
+    ``unet_mult_res``, which for 32x32 inputs builds two levels of 64 and 128 channels with two ResNet
+    blocks each): 2,743,875 parameters (the official JAX encoder has 2,744,131; the 256 missing are the
+    weights of its unused class-conditioning input column).
+
+    Args:
+        sample_size (`int`, defaults to 32): Height and width of the images the model is meant for; must be
+            divisible by ``2**len(block_out_channels)``. The network accepts any such size.
+        in_channels (`int`, defaults to 3): Channels of the input and of the output.
+        block_out_channels (`list[int]`, *optional*, defaults to `[64, 128]`): Channels of each resolution
+            level, highest resolution first (the official encoder doubles per level). Each must be a
+            multiple of `norm_num_groups`; the first must be >= 4 (it is the gamma embedding's width).
+        layers_per_block (`int`, defaults to 2): ResNet blocks per level on each path.
+        dropout (`float`, defaults to 0.1): Dropout probability inside every ResNet block, in `[0, 1)`.
+        norm_num_groups (`int`, defaults to 32): Groups of every GroupNorm.
+        gamma_min (`float`, defaults to -13.3): The gamma mapped to ``t = 0`` by the gamma embedding.
+        gamma_max (`float`, defaults to 5.0): The gamma mapped to ``t = 1`` by the gamma embedding.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        in_channels: int = 3,
+        block_out_channels: list[int] | None = None,
+        layers_per_block: int = 2,
+        dropout: float = 0.1,
+        norm_num_groups: int = 32,
+        gamma_min: float = -13.3,
+        gamma_max: float = 5.0,
+    ):
+        super().__init__()
+        if block_out_channels is None:
+            block_out_channels = list(DEFAULT_BLOCK_OUT_CHANNELS)
+        if not isinstance(block_out_channels, (list, tuple)):
+            raise TypeError(
+                f"`block_out_channels` must be a non-empty list of ints; got {block_out_channels!r} of type "
+                f"{type(block_out_channels).__name__}."
+            )
+        if len(block_out_channels) == 0:
+            raise ValueError("`block_out_channels` must be a non-empty list of ints; got an empty list.")
+        block_out_channels = list(block_out_channels)
+        self.register_to_config(block_out_channels=block_out_channels)
+
+        check_int("sample_size", sample_size, 1)
+        check_int("in_channels", in_channels, 1)
+        check_int("layers_per_block", layers_per_block, 1)
+        check_dropout("dropout", dropout)
+        check_int("norm_num_groups", norm_num_groups, 1)
+        for index, channels in enumerate(block_out_channels):
+            check_int(f"block_out_channels[{index}]", channels, 4 if index == 0 else 1)
+            check_group_divisible(f"block_out_channels[{index}]", channels, norm_num_groups)
+        check_gamma_range(gamma_min, gamma_max)
+        downsample_factor = 2 ** len(block_out_channels)
+        if sample_size % downsample_factor != 0:
+            raise ValueError(
+                f"`sample_size` must be divisible by 2**len(block_out_channels) = {downsample_factor}; "
+                f"got {sample_size}."
+            )
+
+        temb_channels = 4 * block_out_channels[0]
+        self.time_embedding = GammaEmbedding(block_out_channels[0], gamma_min, gamma_max)
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
+
+        level_inputs = [block_out_channels[0], *block_out_channels[:-1]]
+        self.down_blocks = nn.ModuleList(
+            [
+                EncoderDownBlock(
+                    channels_in, channels, temb_channels, layers_per_block, dropout, norm_num_groups
+                )
+                for channels_in, channels in zip(level_inputs, block_out_channels, strict=True)
+            ]
+        )
+
+        mid_channels = block_out_channels[-1]
+        self.mid_block_1 = ResnetBlock(mid_channels, mid_channels, temb_channels, dropout, norm_num_groups)
+        self.mid_attention = AttentionBlock(
+            mid_channels, num_heads=1, norm_num_groups=norm_num_groups, forward_ad_compatible=True
+        )
+        self.mid_block_2 = ResnetBlock(mid_channels, mid_channels, temb_channels, dropout, norm_num_groups)
+
+        up_inputs = [*block_out_channels[1:], mid_channels]
+        self.up_blocks = nn.ModuleList(
+            [
+                EncoderUpBlock(
+                    channels_in, channels, temb_channels, layers_per_block, dropout, norm_num_groups
+                )
+                for channels_in, channels in reversed(list(zip(up_inputs, block_out_channels, strict=True)))
+            ]
+        )
+
+        self.norm_out = UpcastGroupNorm(norm_num_groups, block_out_channels[0])
+        self.conv_out = nn.Conv2d(block_out_channels[0], in_channels, kernel_size=3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    @property
+    def downsample_factor(self) -> int:
+        """The total pooling factor ``2**len(block_out_channels)``; input height and width must be multiples
+        of it."""
+        return 2 ** len(self.config.block_out_channels)
+
+    def forward(
+        self, sample: torch.Tensor, gamma: torch.Tensor | float, return_dict: bool = True
+    ) -> DiffEncEncoderOutput | tuple[torch.Tensor]:
+        r"""
+        Args:
+            sample (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`):
+                Clean data, scaled to `[-1, 1]`; `height` and `width` divisible by
+                [`~DiffEncEncoderModel.downsample_factor`].
+            gamma (`torch.Tensor` of shape `(batch_size,)` or `()`, or `float`):
+                ``gamma_t = -log SNR(t)`` of each sample (a 0-d tensor or a Python float is shared by the
+                batch). Normalised with the config's `gamma_min`/`gamma_max` in float32 or wider.
+            return_dict (`bool`, defaults to `True`): Return a [`DiffEncEncoderOutput`] instead of a tuple.
+
+        Returns:
+            [`DiffEncEncoderOutput`] or `tuple`: ``y = tanh(h)``, same shape as `sample`, values in `(-1, 1)`.
+
+        Raises:
+            TypeError: If `sample` is not a floating-point tensor, or `gamma` is not a float tensor or number.
+            ValueError: If `sample` is not 4-D with `in_channels` channels and height and width divisible by
+                the downsample factor, or `gamma` has the wrong shape.
+        """
+        check_sample(sample, self.config.in_channels)
+        factor = self.downsample_factor
+        if sample.shape[2] % factor != 0 or sample.shape[3] % factor != 0:
+            raise ValueError(
+                f"`sample` height and width must be divisible by {factor} (2**len(block_out_channels), the "
+                f"encoder's pooling factor); got shape {tuple(sample.shape)}."
+            )
+        gamma = prepare_gamma(gamma, sample.shape[0], sample.device, sample.dtype)
+        temb = self.time_embedding(gamma)
+
+        h = self.conv_in(sample)
+        skips = []
+        for down_block in self.down_blocks:
+            h, skip = down_block(h, temb)
+            skips.append(skip)
+
+        h = self.mid_block_1(h, temb)
+        h = self.mid_attention(h)
+        h = self.mid_block_2(h, temb)
+
+        for up_block in self.up_blocks:
+            h = up_block(h, skips.pop(), temb)
+
+        y = torch.tanh(self.conv_out(F.silu(self.norm_out(h))))
+        if not return_dict:
+            return (y,)
+        return DiffEncEncoderOutput(sample=y)

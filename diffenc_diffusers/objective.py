@@ -1,0 +1,332 @@
+"""DiffEncObjective: the negative ELBO of VDM and DiffEnc, per image, in bits per dimension.
+
+ELBO terms (named as in google-research/vdm):
+    loss_recon  reconstruction, -log p(x | z_0)                       DESIGN.md "Reconstruction"
+    loss_klz    prior, KL(q(z_1 | x) || N(0, I))                       DESIGN.md "Prior"
+    loss_diff   diffusion, continuous time (T = infinity) or T steps   DESIGN.md "Continuous/Discrete-time ..."
+The scheduler owns gamma, alpha and sigma and the map from a network output to x_hat; this module owns the
+encoder's forward process x_phi(x, t) and the three loss terms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+from .discretization import decoder_nll, nats_to_bits_per_dim, validate_images
+from .scheduling_vdm import VDMScheduler, alpha_sigma, alpha_sigma_squared, expand_to, linear_gamma, schedule_dtype
+
+
+@dataclass
+class DiffEncObjectiveOutput(BaseOutput):
+    """Output of :class:`DiffEncObjective`. Every per-image term is in bits per dimension.
+
+    Args:
+        loss (`torch.Tensor`, scalar): mean of `bpd` over the batch; what training minimises.
+        bpd (`torch.Tensor` of shape `(batch_size,)`): the negative ELBO, loss_recon + loss_klz + loss_diff.
+        loss_recon (`torch.Tensor` of shape `(batch_size,)`): reconstruction term -log p(x | z_0).
+        loss_klz (`torch.Tensor` of shape `(batch_size,)`): prior term KL(q(z_1 | x) || N(0, I)).
+        loss_diff (`torch.Tensor` of shape `(batch_size,)`): diffusion term (a one-sample estimate).
+        t (`torch.Tensor` of shape `(batch_size,)`): the times used for the diffusion term (float64); in discrete
+            time the end t_i = (i + 1) / T of the sampled step.
+    """
+
+    loss: torch.Tensor
+    bpd: torch.Tensor
+    loss_recon: torch.Tensor
+    loss_klz: torch.Tensor
+    loss_diff: torch.Tensor
+    t: torch.Tensor
+
+
+class Encoding(NamedTuple):
+    """The forward process' data term at gamma: x_phi(x, t), optionally d x_phi / d gamma, and y_phi."""
+
+    x_phi: torch.Tensor
+    dx_phi_dgamma: torch.Tensor | None
+    y: torch.Tensor | None
+
+
+class DiffEncObjective(nn.Module):
+    r"""
+    The negative ELBO of a VDM (`encoder_type="none"`), a non-trainable DiffEnc (`"nontrainable"`) or a trainable
+    DiffEnc (`"trainable"`, with an encoder network), as set by the scheduler's `encoder_type`.
+
+    The module holds the denoiser, the encoder (if any) and, for `schedule="learned_linear"`, the two trainable
+    schedule endpoints `gamma_min` and `gamma_max` (float32 parameters; gamma itself is computed in float64).
+    Calling it on a batch of 8-bit images returns per-image bits per dimension; ``output.loss.backward()``
+    trains every part, including the encoder through d y_phi / d gamma (a forward-mode derivative).
+
+    Args:
+        unet (`VDMUNetModel`): the denoiser, called as ``unet(z_t, gamma_t).sample``.
+        scheduler (`VDMScheduler`): the noise schedule, prediction type, encoder type and variance weight w.
+        encoder (`DiffEncEncoderModel`, *optional*): y_phi(x, gamma); required iff `encoder_type="trainable"`.
+        num_timesteps (`int`, *optional*): T for the discrete-time diffusion loss; `None` for continuous time.
+            A variance weight w != 1 (scheduler config `variance_weight`) needs a finite T.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        scheduler: VDMScheduler,
+        encoder: nn.Module | None = None,
+        num_timesteps: int | None = None,
+    ):
+        super().__init__()
+        if not isinstance(scheduler, VDMScheduler):
+            raise TypeError(f"`scheduler` must be a VDMScheduler, got {type(scheduler).__name__}.")
+        encoder_type = scheduler.config.encoder_type
+        if encoder_type == "trainable" and encoder is None:
+            raise ValueError(
+                "The scheduler's `encoder_type` is 'trainable' but no `encoder` was given: the likelihood of a "
+                "trainable DiffEnc model needs its encoder network."
+            )
+        if encoder_type != "trainable" and encoder is not None:
+            raise ValueError(
+                f"An `encoder` was given but the scheduler's `encoder_type` is {encoder_type!r}; "
+                "use a scheduler with encoder_type='trainable'."
+            )
+        if num_timesteps is not None and (
+            isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1
+        ):
+            raise ValueError(f"`num_timesteps` must be a positive int or None (continuous), got {num_timesteps!r}.")
+        if num_timesteps is None and scheduler.config.variance_weight != 1.0:
+            raise ValueError(
+                f"The scheduler's `variance_weight` is {scheduler.config.variance_weight}; a weighted loss (w != 1) is "
+                "infinite in continuous time, so pass a finite `num_timesteps`."
+            )
+        self.unet = unet
+        self.encoder = encoder
+        self.scheduler = scheduler
+        self.num_timesteps = num_timesteps
+        if scheduler.config.schedule == "learned_linear":
+            self.gamma_min = nn.Parameter(torch.tensor(float(scheduler.config.gamma_min)))
+            self.gamma_max = nn.Parameter(torch.tensor(float(scheduler.config.gamma_max)))
+        else:
+            self.gamma_min = None
+            self.gamma_max = None
+
+    @property
+    def encoder_type(self) -> str:
+        """`"none"`, `"nontrainable"` or `"trainable"` (the scheduler's `encoder_type`)."""
+        return self.scheduler.config.encoder_type
+
+    def gamma(self, t: torch.Tensor) -> torch.Tensor:
+        """gamma(t) in float64 (float32 on MPS): the scheduler's, or the learned endpoints' linear schedule."""
+        if self.gamma_min is None:
+            return self.scheduler.gamma(t)
+        dtype = schedule_dtype(t.device)
+        return linear_gamma(t.to(dtype), self.gamma_min.to(dtype), self.gamma_max.to(dtype))
+
+    def gamma_derivative(self, t: torch.Tensor) -> torch.Tensor:
+        """d gamma / dt at t, shape of ``t`` (differentiable in the learned endpoints)."""
+        if self.gamma_min is None:
+            return self.scheduler.gamma_derivative(t)
+        dtype = schedule_dtype(t.device)
+        return (self.gamma_max.to(dtype) - self.gamma_min.to(dtype)).expand(t.shape)
+
+    def export_scheduler(self) -> VDMScheduler:
+        """A copy of the scheduler whose `gamma_min` / `gamma_max` are the current (learned) endpoints."""
+        if self.gamma_min is None:
+            return VDMScheduler.from_config(self.scheduler.config)
+        return VDMScheduler.from_config(
+            self.scheduler.config, gamma_min=float(self.gamma_min.detach()), gamma_max=float(self.gamma_max.detach())
+        )
+
+    def encode(self, x: torch.Tensor, gamma: torch.Tensor, with_derivative: bool = False) -> Encoding:
+        """The encoded data x_phi(x, t) at gamma = gamma_t, and optionally d x_phi / d gamma.
+
+        none:          x_phi = x,                       d x_phi / d gamma = 0
+        nontrainable:  x_phi = alpha^2 x,               d x_phi / d gamma = -sigma^2 alpha^2 x
+        trainable:     x_phi = alpha^2 x + sigma^2 y,   d x_phi / d gamma = sigma^2 alpha^2 (y - x) + sigma^2 dy/dgamma
+                       with y = y_phi(x, gamma)
+
+        d y / d gamma comes with y from one forward-mode (jvp) evaluation of the encoder; gradients flow through
+        both into the encoder's parameters.
+
+        Args:
+            x: data as grid values in (-1, 1), shape (B, C, H, W).
+            gamma: shape (B,), float64.
+            with_derivative: also return d x_phi / d gamma (``None`` for VDM, where it is 0).
+        """
+        if self.encoder_type == "none":
+            return Encoding(x, None, None)
+        alpha_sq, sigma_sq = (expand_to(v, x).to(x.dtype) for v in alpha_sigma_squared(gamma))
+        if self.encoder_type == "nontrainable":
+            derivative = -sigma_sq * alpha_sq * x if with_derivative else None
+            return Encoding(alpha_sq * x, derivative, None)
+        gamma_in = gamma.to(x.dtype)
+        if with_derivative:
+            y, dy = torch.func.jvp(lambda g: self.encoder(x, g).sample, (gamma_in,), (torch.ones_like(gamma_in),))
+            y, dy = y.to(x.dtype), dy.to(x.dtype)
+            derivative = sigma_sq * alpha_sq * (y - x) + sigma_sq * dy
+        else:
+            y = self.encoder(x, gamma_in).sample.to(x.dtype)
+            derivative = None
+        return Encoding(alpha_sq * x + sigma_sq * y, derivative, y)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        recon_noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DiffEncObjectiveOutput:
+        """Per-image negative ELBO in bits per dimension.
+
+        Args:
+            images: uint8 images (B, C, H, W) with values 0..255, or a float tensor of the same shape holding
+                exactly the grid values 2 (k + 0.5) / 256 - 1 (see ``discretization.uint8_to_grid``). C, H and W
+                must match the denoiser's `in_channels` and `sample_size`.
+            t: times in [0, 1) for the diffusion term, shape (B,). Default: low-discrepancy t_i = (u + i / B) mod 1
+                with u ~ U(0, 1). In discrete time, t selects the step i = floor(t T), from (i + 1) / T to i / T.
+            noise: eps for z_t, shape of ``images``; default standard normal.
+            recon_noise: eps_0 for the reconstruction term's z_0, shape of ``images``; default standard normal.
+            generator: random generator for whatever of ``t``, ``noise`` and ``recon_noise`` is not given.
+        """
+        x = self._check_images(images)
+        batch = x.shape[0]
+        device = x.device
+        t = self._check_or_sample_t(t, batch, device, generator)
+        noise = self._check_or_sample_noise(noise, "noise", x, generator)
+        recon_noise = self._check_or_sample_noise(recon_noise, "recon_noise", x, generator)
+        num_dims = x[0].numel()
+
+        loss_recon, loss_klz = self.recon_and_prior_nats(x, recon_noise)
+        if self.num_timesteps is None:
+            loss_diff = self.continuous_diffusion_nats(x, t, noise)
+        else:
+            t, loss_diff = self.discrete_diffusion_nats(x, t, noise)
+
+        loss_recon, loss_klz, loss_diff = (
+            nats_to_bits_per_dim(v, num_dims).to(x.dtype) for v in (loss_recon, loss_klz, loss_diff)
+        )
+        bpd = loss_recon + loss_klz + loss_diff
+        return DiffEncObjectiveOutput(
+            loss=bpd.mean(), bpd=bpd, loss_recon=loss_recon, loss_klz=loss_klz, loss_diff=loss_diff, t=t
+        )
+
+    def recon_and_prior_nats(self, x: torch.Tensor, recon_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction -log p(x | z_0) and prior KL(q(z_1 | x) || N(0, I)), per image, in nats.
+
+        Reconstruction: z0r = z_0 / alpha_0 = x_phi(x, 0) + exp(gamma_0 / 2) eps_0, decoded over the 256 grid values.
+        Prior: 0.5 sum(alpha_1^2 x_phi(x, 1)^2 + sigma_1^2 - log sigma_1^2 - 1).
+        """
+        batch = x.shape[0]
+        ends = torch.cat([torch.zeros(batch, device=x.device), torch.ones(batch, device=x.device)])
+        gamma_ends = self.gamma(ends)
+        x_phi_0, x_phi_1 = self.encode(torch.cat([x, x]), gamma_ends).x_phi.split(batch)
+        gamma_0, gamma_1 = gamma_ends[0], gamma_ends[-1]
+
+        z0_rescaled = x_phi_0 + torch.exp(0.5 * gamma_0).to(x.dtype) * recon_noise
+        loss_recon = decoder_nll(x, z0_rescaled, gamma_0).flatten(1).sum(1)
+
+        alpha_sq_1, sigma_sq_1 = alpha_sigma_squared(gamma_1)
+        mean_sq = (x_phi_1.flatten(1) ** 2).sum(1)
+        num_dims = x[0].numel()
+        loss_klz = 0.5 * (alpha_sq_1 * mean_sq + num_dims * (sigma_sq_1 - F.logsigmoid(gamma_1) - 1.0))
+        return loss_recon, loss_klz
+
+    def continuous_diffusion_nats(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Continuous-time (T = infinity) diffusion loss per image, in nats:
+
+        L = 0.5 gamma'(t) e^{-gamma_t} || x_hat - x_phi + d x_phi / d gamma + sigma_t^2 x_hat ||^2,
+        with the last two terms absent for VDM (where it equals 0.5 gamma' || eps - eps_hat ||^2).
+        """
+        gamma_t = self.gamma(t)
+        encoding = self.encode(x, gamma_t, with_derivative=True)
+        x_hat = self._denoise(encoding.x_phi, noise, gamma_t)
+        residual = x_hat - encoding.x_phi
+        if encoding.dx_phi_dgamma is not None:
+            sigma_sq = expand_to(torch.sigmoid(gamma_t), x).to(x.dtype)
+            residual = residual + encoding.dx_phi_dgamma + sigma_sq * x_hat
+        weight = 0.5 * self.gamma_derivative(t) * torch.exp(-gamma_t)
+        return weight * (residual.flatten(1) ** 2).sum(1)
+
+    def discrete_diffusion_nats(
+        self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """T-step diffusion loss per image, in nats: T times the KL of one step, from t_i = (i + 1) / T to s = i / T.
+
+        KL_i = e^{-gamma_s} || (m_s - x_hat_s) - e^{delta} (m_t - x_hat_t) ||^2 / (-2 expm1(delta)),
+        with delta = gamma_s - gamma_t, m = x_phi(x, .), and x_hat_s = x_hat_t (1 - delta sigma_t^2) for DiffEnc
+        (x_hat_s = x_hat_t for VDM). With the variance weight w, KL_i becomes (D / 2)(log w + 1 / w - 1) + KL_i / w.
+
+        Returns:
+            (t_i, loss): the step ends used, and the loss, both of shape (B,).
+        """
+        num_steps = self.num_timesteps
+        batch = x.shape[0]
+        step = torch.floor(t * num_steps).clamp(max=num_steps - 1)
+        t_end = (step + 1) / num_steps
+        gamma_both = self.gamma(torch.cat([t_end, step / num_steps]))
+        gamma_t, gamma_s = gamma_both.split(batch)
+        m_t, m_s = self.encode(torch.cat([x, x]), gamma_both).x_phi.split(batch)
+        x_hat_t = self._denoise(m_t, noise, gamma_t)
+
+        delta = gamma_s - gamma_t
+        expm1_delta = torch.expm1(delta)
+        # (m_s - x_hat_s) - e^delta (m_t - x_hat_t), arranged so that no two O(1) terms cancel when T is large.
+        mean_gap = (m_s - m_t) - expand_to(expm1_delta, x).to(x.dtype) * (m_t - x_hat_t)
+        if self.scheduler.applies_diffenc_correction:
+            mean_gap = mean_gap + expand_to(delta * torch.sigmoid(gamma_t), x).to(x.dtype) * x_hat_t
+        kl = torch.exp(-gamma_s) * (mean_gap.flatten(1) ** 2).sum(1) / (-2.0 * expm1_delta)
+        w = self.scheduler.config.variance_weight
+        num_dims = x[0].numel()
+        kl = 0.5 * num_dims * (math.log(w) + 1.0 / w - 1.0) + kl / w
+        return t_end, num_steps * kl
+
+    def _denoise(self, x_phi: torch.Tensor, noise: torch.Tensor, gamma_t: torch.Tensor) -> torch.Tensor:
+        """x_hat at z_t = alpha_t x_phi + sigma_t eps, from the denoiser (run in its own, possibly autocast, dtype)."""
+        alpha, sigma = (expand_to(v, x_phi).to(x_phi.dtype) for v in alpha_sigma(gamma_t))
+        z_t = alpha * x_phi + sigma * noise
+        model_output = self.unet(z_t, gamma_t.to(x_phi.dtype)).sample.to(x_phi.dtype)
+        return self.scheduler.predict_original_sample(model_output, z_t, gamma_t)
+
+    def _compute_dtype(self) -> torch.dtype:
+        param = next(self.unet.parameters(), None)
+        return torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32
+
+    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
+        x = validate_images(images).to(self._compute_dtype())
+        config = self.unet.config
+        size = config.sample_size
+        expected = (config.in_channels, *((size, size) if isinstance(size, int) else tuple(size)))
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"`images` have shape {tuple(images.shape)}; this model takes (batch, {expected[0]}, {expected[1]}, "
+                f"{expected[2]}) (the denoiser's `in_channels` and `sample_size`)."
+            )
+        return x
+
+    def _check_or_sample_t(
+        self, t: torch.Tensor | None, batch: int, device: torch.device, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        dtype = schedule_dtype(device)
+        if t is None:
+            u = torch.rand((), generator=generator, device=generator.device if generator else device, dtype=dtype)
+            return torch.remainder(u.to(device) + torch.arange(batch, device=device, dtype=dtype) / batch, 1.0)
+        t = torch.as_tensor(t, device=device).to(dtype)
+        if t.shape != (batch,):
+            raise ValueError(f"`t` must have shape ({batch},), got {tuple(t.shape)}.")
+        if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any():
+            raise ValueError(f"`t` must hold times in [0, 1], got values in [{t.min().item()}, {t.max().item()}].")
+        return t
+
+    @staticmethod
+    def _check_or_sample_noise(
+        noise: torch.Tensor | None, name: str, x: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        if noise is None:
+            return randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if noise.shape != x.shape:
+            raise ValueError(f"`{name}` must have the images' shape {tuple(x.shape)}, got {tuple(noise.shape)}.")
+        return noise.to(x.dtype)

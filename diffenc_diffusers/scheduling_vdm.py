@@ -1,0 +1,298 @@
+"""VDMScheduler: the continuous-time variance-preserving noise schedule of VDM and DiffEnc, and its samplers.
+
+This file is the single source of truth for gamma(t), alpha_t, sigma_t, the map from a network output to the
+estimate x_hat, and the ancestral / deterministic reverse steps (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .discretization import grid_to_index, index_to_grid
+
+SCHEDULES = ("fixed_linear", "learned_linear")
+PREDICTION_TYPES = ("v_prediction", "epsilon")
+ENCODER_TYPES = ("none", "nontrainable", "trainable")
+
+
+def schedule_dtype(device: torch.device | str | None) -> torch.dtype:
+    """float64 for schedule math, except on devices without float64 (MPS), where float32 is used."""
+    return torch.float32 if torch.device(device if device is not None else "cpu").type == "mps" else torch.float64
+
+
+def linear_gamma(t: torch.Tensor, gamma_min: torch.Tensor | float, gamma_max: torch.Tensor | float) -> torch.Tensor:
+    """gamma(t) = gamma_min + (gamma_max - gamma_min) t, the fixed and the learned linear schedule."""
+    return gamma_min + (gamma_max - gamma_min) * t
+
+
+def alpha_sigma_squared(gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t^2, sigma_t^2) = (sigmoid(-gamma), sigmoid(gamma)): the variance-preserving pair for gamma."""
+    return torch.sigmoid(-gamma), torch.sigmoid(gamma)
+
+
+def alpha_sigma(gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, sigma_t) = (sqrt(sigmoid(-gamma)), sqrt(sigmoid(gamma)))."""
+    alpha_sq, sigma_sq = alpha_sigma_squared(gamma)
+    return alpha_sq.sqrt(), sigma_sq.sqrt()
+
+
+def expand_to(coefficient: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample coefficient of shape (B,) or () to broadcast against ``reference`` (B, ...)."""
+    if coefficient.ndim == 0:
+        return coefficient
+    return coefficient.reshape(coefficient.shape + (1,) * (reference.ndim - coefficient.ndim))
+
+
+@dataclass
+class VDMSchedulerOutput(BaseOutput):
+    """Output of :meth:`VDMScheduler.step`.
+
+    Args:
+        prev_sample (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`):
+            z_s, the latent at the next (smaller) time. After the last step it is the decoded image: the grid
+            values f_k = 2 (k + 0.5) / 256 - 1 of the decoder's most likely 8-bit value at z_0 / alpha_0.
+        pred_original_sample (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`):
+            x_hat, the network's estimate of the encoded data x_phi(x, t) (of x itself for VDM).
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+class VDMScheduler(SchedulerMixin, ConfigMixin):
+    r"""
+    Continuous-time variance-preserving scheduler of VDM (Kingma et al., 2021) and DiffEnc (Nielsen et al., 2024).
+
+    The schedule is gamma(t) = -log SNR(t) = gamma_min + (gamma_max - gamma_min) t for t in [0, 1], with
+    alpha_t^2 = sigmoid(-gamma_t) and sigma_t^2 = sigmoid(gamma_t). Sampling runs the ancestral sampler of the
+    generative model from t = 1 to t = 0 on an even time grid and decodes z_0 to 8-bit grid values. For
+    DiffEnc, whose forward process runs on an encoding x_phi(x, t) of the data, the step includes the
+    correction term that moves the estimate x_hat(t) to x_hat(s); the encoder itself is never needed to sample.
+
+    Args:
+        gamma_min (`float`, defaults to -13.3):
+            gamma at t = 0 (log-SNR 13.3). For a learned schedule, the trained value.
+        gamma_max (`float`, defaults to 5.0):
+            gamma at t = 1. Must be larger than `gamma_min`.
+        schedule (`str`, defaults to `"fixed_linear"`):
+            `"fixed_linear"`, or `"learned_linear"` (both endpoints were trained; the trained values are stored
+            in `gamma_min` and `gamma_max`, so sampling with either kind is the same computation).
+        prediction_type (`str`, defaults to `"v_prediction"`):
+            What the denoiser predicts: `"v_prediction"` (v = alpha_t eps - sigma_t x_phi) or `"epsilon"`.
+        encoder_type (`str`, defaults to `"none"`):
+            The forward process: `"none"` (VDM, x_phi = x), `"nontrainable"` (DiffEnc with x_phi = alpha_t^2 x)
+            or `"trainable"` (DiffEnc with x_phi = alpha_t^2 x + sigma_t^2 y_phi(x, gamma_t)). Any DiffEnc
+            kind applies the DiffEnc correction term in :meth:`step`.
+        variance_weight (`float`, defaults to 1.0):
+            w in DESIGN.md: the generative variance is w times the true posterior variance. 1 is the ELBO-optimal
+            ancestral sampler; it must be positive.
+    """
+
+    order = 1
+    init_noise_sigma = 1.0
+
+    @register_to_config
+    def __init__(
+        self,
+        gamma_min: float = -13.3,
+        gamma_max: float = 5.0,
+        schedule: str = "fixed_linear",
+        prediction_type: str = "v_prediction",
+        encoder_type: str = "none",
+        variance_weight: float = 1.0,
+    ):
+        for name, value in (("gamma_min", gamma_min), ("gamma_max", gamma_max), ("variance_weight", variance_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TypeError(f"`{name}` must be a finite float, got {value!r}.")
+        if gamma_min >= gamma_max:
+            raise ValueError(f"`gamma_min` must be smaller than `gamma_max`, got {gamma_min} >= {gamma_max}.")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"`schedule` must be one of {list(SCHEDULES)}, got {schedule!r}.")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"`prediction_type` must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}.")
+        if encoder_type not in ENCODER_TYPES:
+            raise ValueError(f"`encoder_type` must be one of {list(ENCODER_TYPES)}, got {encoder_type!r}.")
+        if variance_weight <= 0:
+            raise ValueError(f"`variance_weight` must be positive, got {variance_weight}.")
+
+        self.num_inference_steps: int | None = None
+        self.time_grid: torch.Tensor | None = None
+        self.timesteps: torch.Tensor | None = None
+        self._step_index: int | None = None
+
+    @property
+    def applies_diffenc_correction(self) -> bool:
+        """Whether :meth:`step` and the losses move x_hat(t) to x_hat(s) (any DiffEnc forward process)."""
+        return self.config.encoder_type != "none"
+
+    @property
+    def step_index(self) -> int | None:
+        """Index of the next step into :attr:`timesteps` (``None`` before :meth:`set_timesteps`)."""
+        return self._step_index
+
+    def __len__(self) -> int:
+        return self.num_inference_steps or 0
+
+    def gamma(self, t: torch.Tensor | float, device: torch.device | str | None = None) -> torch.Tensor:
+        """gamma(t) for t in [0, 1], in float64 (float32 on MPS), on the device of ``t`` (or ``device``)."""
+        t = torch.as_tensor(t, device=device)
+        t = t.to(schedule_dtype(t.device))
+        return linear_gamma(t, self.config.gamma_min, self.config.gamma_max)
+
+    def gamma_derivative(self, t: torch.Tensor | float, device: torch.device | str | None = None) -> torch.Tensor:
+        """d gamma / dt at t (constant gamma_max - gamma_min for the linear schedules), like :meth:`gamma`."""
+        t = torch.as_tensor(t, device=device)
+        t = t.to(schedule_dtype(t.device))
+        return torch.full_like(t, self.config.gamma_max - self.config.gamma_min)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor | float | None = None) -> torch.Tensor:
+        """No input scaling: the denoiser takes z_t as it is. Present for diffusers' scheduler interface."""
+        return sample
+
+    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
+        """Set the even time grid 1 = t_0 > t_1 > ... > t_N = 0 of ``num_inference_steps`` = N steps.
+
+        :attr:`timesteps` holds the N times t_0 .. t_{N-1} at which the denoiser is evaluated (float32);
+        :attr:`time_grid` holds all N + 1 times in float64 (float32 on MPS).
+        """
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+            raise TypeError(f"`num_inference_steps` must be an int, got {num_inference_steps!r}.")
+        if num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be at least 1, got {num_inference_steps}.")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        steps = torch.arange(num_inference_steps, -1, -1, dtype=schedule_dtype(device), device=device)
+        self.num_inference_steps = num_inference_steps
+        self.time_grid = steps / num_inference_steps
+        self.timesteps = self.time_grid[:-1].to(torch.float32)
+        self._step_index = 0
+
+    def predict_original_sample(
+        self, model_output: torch.Tensor, sample: torch.Tensor, gamma: torch.Tensor
+    ) -> torch.Tensor:
+        """x_hat from the denoiser's output at z_t = ``sample``: the estimate of x_phi(x, t).
+
+        v prediction: x_hat = alpha_t z_t - sigma_t v_hat.
+        Epsilon prediction: x_hat = (z_t - sigma_t eps_hat) / alpha_t.
+        ``gamma`` has shape (B,) or (); the result has the dtype of ``sample``.
+        """
+        alpha, sigma = alpha_sigma(gamma.to(schedule_dtype(gamma.device)))
+        alpha = expand_to(alpha, sample).to(sample.dtype)
+        sigma = expand_to(sigma, sample).to(sample.dtype)
+        if self.config.prediction_type == "v_prediction":
+            return alpha * sample - sigma * model_output
+        return (sample - sigma * model_output) / alpha
+
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | float
+    ) -> torch.Tensor:
+        """Sample the forward process: z_t = alpha_t x + sigma_t eps.
+
+        Args:
+            original_samples: x, shape (B, C, H, W); for DiffEnc this is the encoding x_phi(x, t).
+            noise: eps, same shape.
+            timesteps: t in [0, 1], shape (B,) or a scalar.
+        """
+        gamma = self.gamma(timesteps, device=original_samples.device)
+        alpha, sigma = alpha_sigma(gamma)
+        alpha = expand_to(alpha, original_samples).to(original_samples.dtype)
+        sigma = expand_to(sigma, original_samples).to(original_samples.dtype)
+        return alpha * original_samples + sigma * noise
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: torch.Tensor | float,
+        sample: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        eta: float = 1.0,
+        return_dict: bool = True,
+    ) -> VDMSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
+        r"""One reverse step from t = t_i to s = t_{i+1} of the grid set by :meth:`set_timesteps`.
+
+        With delta = gamma_s - gamma_t < 0, c = -expm1(delta) and x_hat_s = x_hat (1 - delta sigma_t^2) for DiffEnc
+        (x_hat_s = x_hat for VDM), the step is the DDIM family on the log-SNR grid:
+
+            z_s = alpha_s x_hat_s + sigma_s sqrt(1 - eta^2 c) eps_hat + eta sigma_s sqrt(w c) eps,
+            eps_hat = (z_t - alpha_t x_hat) / sigma_t.
+
+        eta = 1 is the ancestral sampler of DESIGN.md, whose mean equals
+        (alpha_s / alpha_t) e^delta z_t - alpha_s expm1(delta) x_hat - [DiffEnc] alpha_s delta sigma_t^2 x_hat;
+        eta = 0 is deterministic. After the last step z_0 is decoded: ``prev_sample`` holds the grid value of the
+        decoder's most likely 8-bit value at z_0 / alpha_0.
+
+        Args:
+            model_output: the denoiser's output at (z_t, gamma_t), v or eps per `prediction_type`.
+            timestep: t_i; used only to check that the caller is in step (times are tracked by index).
+            sample: z_t, shape (B, C, H, W).
+            generator: random generator(s) for the step's noise.
+            eta: 1 for ancestral sampling, 0 for the deterministic sampler, in [0, 1].
+            return_dict: return a :class:`VDMSchedulerOutput` (True) or a tuple.
+        """
+        if self.time_grid is None or self._step_index is None:
+            raise ValueError("`set_timesteps` must be called before `step`.")
+        if self._step_index >= self.num_inference_steps:
+            raise ValueError(
+                f"`step` was called {self._step_index + 1} times after `set_timesteps({self.num_inference_steps})`;"
+                " call `set_timesteps` again to start a new trajectory."
+            )
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"`eta` must be in [0, 1], got {eta}.")
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"`model_output` shape {tuple(model_output.shape)} does not match `sample` shape {tuple(sample.shape)}."
+            )
+        t = self.time_grid[self._step_index]
+        s = self.time_grid[self._step_index + 1]
+        given = float(torch.as_tensor(timestep).reshape(-1)[0])
+        if abs(given - float(t)) > 0.25 / self.num_inference_steps:
+            raise ValueError(
+                f"`timestep` {given} is not the scheduler's current time {float(t)} (step {self._step_index} of "
+                f"{self.num_inference_steps}); steps must be taken in the order of `timesteps`."
+            )
+
+        gamma_t, gamma_s = self.gamma(t), self.gamma(s)
+        gamma_t = gamma_t.to(sample.device)
+        gamma_s = gamma_s.to(sample.device)
+        x_hat = self.predict_original_sample(model_output, sample, gamma_t)
+
+        delta = gamma_s - gamma_t
+        c = -torch.expm1(delta)
+        alpha_t, sigma_t = alpha_sigma(gamma_t)
+        alpha_s, sigma_s = alpha_sigma(gamma_s)
+        x_hat_scale = (
+            1.0 - delta * torch.sigmoid(gamma_t) if self.applies_diffenc_correction else torch.ones_like(delta)
+        )
+
+        dtype = sample.dtype
+        eps_hat = (sample - alpha_t.to(dtype) * x_hat) / sigma_t.to(dtype)
+        prev_sample = (alpha_s * x_hat_scale).to(dtype) * x_hat + (sigma_s * torch.sqrt(1.0 - eta**2 * c)).to(
+            dtype
+        ) * eps_hat
+        if eta > 0:
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=dtype)
+            noise_std = eta * sigma_s * torch.sqrt(self.config.variance_weight * c)
+            prev_sample = prev_sample + noise_std.to(dtype) * noise
+
+        self._step_index += 1
+        if self._step_index == self.num_inference_steps:
+            prev_sample = self.decode(prev_sample)
+
+        if not return_dict:
+            return prev_sample, x_hat
+        return VDMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x_hat)
+
+    def decode(self, z_0: torch.Tensor) -> torch.Tensor:
+        """The decoder's most likely grid value f_k at z_0 / alpha_0, same shape and dtype as ``z_0``.
+
+        The decoder's logits -0.5 ((z_0 / alpha_0 - f_k) e^{-gamma_0 / 2})^2 are largest at the grid point nearest
+        to z_0 / alpha_0, so the mode is that point.
+        """
+        alpha_0, _ = alpha_sigma(self.gamma(0.0, device=z_0.device))
+        return index_to_grid(grid_to_index(z_0.to(alpha_0.dtype) / alpha_0), z_0.dtype)
