@@ -2,7 +2,7 @@
 
 from .models import DiffEncEncoderModel, DiffEncEncoderOutput, VDMUNetModel, VDMUNetOutput
 from .objective import DiffEncObjective, DiffEncObjectiveOutput
-from .pipeline_diffenc import DiffEncPipeline
+from .pipeline_diffenc import DiffEncLikelihoodOutput, DiffEncPipeline
 from .scheduling_vdm import VDMScheduler, VDMSchedulerOutput
 
 __version__ = "0.1.0"
@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DiffEncEncoderModel",
     "DiffEncEncoderOutput",
+    "DiffEncLikelihoodOutput",
     "DiffEncObjective",
     "DiffEncObjectiveOutput",
     "DiffEncPipeline",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import (
+    CommitInfo,
     ModelCard,
     ModelCardData,
     create_repo,
@@ -118,9 +119,7 @@ def download_pipeline(
         components = saved_components(read_model_index(Path(index_path).parent))
         return snapshot_download(repo_id, allow_patterns=pipeline_file_patterns(components), **options)
     except LocalEntryNotFoundError as error:
-        where = (
-            f"cache folder {os.fspath(cache_dir)!r}" if cache_dir is not None else "the Hugging Face cache"
-        )
+        where = f"cache folder {os.fspath(cache_dir)!r}" if cache_dir is not None else "the Hugging Face cache"
         raise OSError(
             f"The pipeline {repo_id!r} (revision {revision or 'main'!r}) is not in {where}, and downloading "
             "is disabled (local_files_only=True or HF_HUB_OFFLINE=1). Download it once with network access, "
@@ -153,9 +152,7 @@ def make_model_card(
         datasets=[dataset] if isinstance(dataset, str) and "/" in dataset else None,
     )
     encoder_parameters = (
-        f"{sum(p.numel() for p in pipeline.encoder.parameters()):,}"
-        if pipeline.encoder is not None
-        else "none"
+        f"{sum(p.numel() for p in pipeline.encoder.parameters()):,}" if pipeline.encoder is not None else "none"
     )
     model_rows = [
         ("model", _ENCODER_DESCRIPTIONS[scheduler.encoder_type]),
@@ -171,13 +168,9 @@ def make_model_card(
     if bpd is None:
         likelihood = "Not evaluated yet."
     else:
-        likelihood = (
-            f"Negative ELBO (an upper bound on the negative log-likelihood): **{float(bpd):.4f} bits/dim**."
-        )
+        likelihood = f"Negative ELBO (an upper bound on the negative log-likelihood): **{float(bpd):.4f} bits/dim**."
     if training_info:
-        training = _table(
-            ("setting", "value"), [(str(k), _format_value(k, v)) for k, v in training_info.items()]
-        )
+        training = _table(("setting", "value"), [(str(k), _format_value(k, v)) for k, v in training_info.items()])
     else:
         training = "Training settings were not recorded."
     usage = (
@@ -240,13 +233,11 @@ def upload_pipeline_folder(
     create_pr: bool = False,
     training_info: Mapping[str, Any] | None = None,
     bpd: float | None = None,
-):
+) -> CommitInfo:
     """Create `repo_id` if needed, write the model card into `folder` and upload the pipeline files of
     `folder` (and nothing else in it). Returns huggingface_hub's `CommitInfo`."""
     repo_id = create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
-    make_model_card(pipeline, repo_id, training_info=training_info, bpd=bpd).save(
-        Path(folder) / MODEL_CARD_NAME
-    )
+    make_model_card(pipeline, repo_id, training_info=training_info, bpd=bpd).save(Path(folder) / MODEL_CARD_NAME)
     return upload_folder(
         repo_id=repo_id,
         folder_path=folder,

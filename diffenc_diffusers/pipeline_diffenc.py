@@ -18,6 +18,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import CommitInfo
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from PIL import Image
@@ -184,19 +185,20 @@ class DiffEncPipeline(DiffusionPipeline):
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators but `batch_size` is {batch_size}; pass "
+                "one generator per image, or a single generator."
+            )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}.")
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-            raise ValueError(
-                f"`eta` must be a float in [0, 1] (1: ancestral, 0: deterministic), got {eta!r}."
-            )
+            raise ValueError(f"`eta` must be a float in [0, 1] (1: ancestral, 0: deterministic), got {eta!r}.")
 
         device = self._execution_device
         latent_dtype = torch.promote_types(self.unet.dtype, torch.float32)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        sample = randn_tensor(
-            (batch_size, *self.image_shape), generator=generator, device=device, dtype=latent_dtype
-        )
+        sample = randn_tensor((batch_size, *self.image_shape), generator=generator, device=device, dtype=latent_dtype)
         for t in self.progress_bar(self.scheduler.timesteps):
             gamma_t = self.scheduler.gamma(t).to(latent_dtype).expand(batch_size)
             model_output = self.unet(sample.to(self.unet.dtype), gamma_t).sample.to(latent_dtype)
@@ -271,19 +273,13 @@ class DiffEncPipeline(DiffusionPipeline):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
         if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"`generator` must be a single torch.Generator or None, got {type(generator).__name__}."
-            )
-        objective = DiffEncObjective(
-            self.unet, self.scheduler, encoder=self.encoder, num_timesteps=num_timesteps
-        )
+            raise TypeError(f"`generator` must be a single torch.Generator or None, got {type(generator).__name__}.")
+        objective = DiffEncObjective(self.unet, self.scheduler, encoder=self.encoder, num_timesteps=num_timesteps)
         batches = _image_batches(images, batch_size, image_column, self.image_shape)
 
         device = self._execution_device
         low_precision = self.unet.dtype in (torch.float16, torch.bfloat16)
-        autocast = (
-            torch.autocast(device.type, dtype=self.unet.dtype) if low_precision else contextlib.nullcontext()
-        )
+        autocast = torch.autocast(device.type, dtype=self.unet.dtype) if low_precision else contextlib.nullcontext()
         networks = [module for module in (self.unet, self.encoder) if module is not None]
         was_training = [module.training for module in networks]
         terms: dict[str, list[torch.Tensor]] = {"bpd": [], "loss_recon": [], "loss_klz": [], "loss_diff": []}
@@ -299,6 +295,7 @@ class DiffEncPipeline(DiffusionPipeline):
             for module, training in zip(networks, was_training, strict=True):
                 module.train(training)
 
+        self.maybe_free_model_hooks()
         if not terms["bpd"]:
             raise ValueError("`images` holds no images.")
         result = DiffEncLikelihoodOutput(**{name: torch.cat(values) for name, values in terms.items()})
@@ -341,9 +338,7 @@ class DiffEncPipeline(DiffusionPipeline):
             if key in kwargs
         }
         if kwargs.get("use_safetensors") is False:
-            raise ValueError(
-                "DiffEncPipeline loads safetensors weights only; `use_safetensors=False` is not accepted."
-            )
+            raise ValueError("DiffEncPipeline loads safetensors weights only; `use_safetensors=False` is not accepted.")
         if os.path.isdir(name):
             folder = name
         else:
@@ -382,12 +377,8 @@ class DiffEncPipeline(DiffusionPipeline):
                 folder's name), `commit_message`, `private`, `token`, `create_pr`, `training_info` and `bpd`.
         """
         if not safe_serialization:
-            raise ValueError(
-                "DiffEncPipeline saves weights as safetensors only; `safe_serialization` must be True."
-            )
-        super().save_pretrained(
-            save_directory, safe_serialization=True, variant=variant, max_shard_size=max_shard_size
-        )
+            raise ValueError("DiffEncPipeline saves weights as safetensors only; `safe_serialization` must be True.")
+        super().save_pretrained(save_directory, safe_serialization=True, variant=variant, max_shard_size=max_shard_size)
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", Path(save_directory).resolve().name)
             upload_pipeline_folder(self, save_directory, repo_id, **kwargs)
@@ -404,7 +395,7 @@ class DiffEncPipeline(DiffusionPipeline):
         variant: str | None = None,
         training_info: Mapping[str, Any] | None = None,
         bpd: float | None = None,
-    ):
+    ) -> CommitInfo:
         r"""
         Upload the pipeline to a Hub model repository (created if needed) with a model card.
 
@@ -525,9 +516,7 @@ def resolve_preset(name_or_path: str | os.PathLike) -> Path:
 def _check_required(components: Mapping[str, Any], folder: str | os.PathLike) -> None:
     for name in REQUIRED_COMPONENTS:
         if name not in components:
-            raise ValueError(
-                f"{os.fspath(folder)!r}: model_index.json does not list the required component {name!r}."
-            )
+            raise ValueError(f"{os.fspath(folder)!r}: model_index.json does not list the required component {name!r}.")
 
 
 def _check_pipeline_folder(folder: str | os.PathLike, passed: set[str]) -> None:
@@ -616,9 +605,7 @@ def _image_batches(
 
 def _check_batch(batch: Any, shape: tuple[int, int, int], what: str) -> torch.Tensor:
     if not isinstance(batch, torch.Tensor):
-        raise TypeError(
-            f"{what} must be a uint8 torch.Tensor of shape (N, C, H, W), got {type(batch).__name__}."
-        )
+        raise TypeError(f"{what} must be a uint8 torch.Tensor of shape (N, C, H, W), got {type(batch).__name__}.")
     if batch.dtype != torch.uint8:
         raise TypeError(
             f"{what} must have dtype torch.uint8 (8-bit values 0..255), got {batch.dtype}. (For torchvision "
@@ -637,9 +624,7 @@ def _pick_column(names: list[str], preferred: list[str], image_column: str | Non
         if image_column not in names:
             raise ValueError(f"`image_column` {image_column!r} is not among the {what}: {names}.")
         return image_column
-    candidates = (
-        preferred or [name for name in names if name in IMAGE_KEYS] or (names if len(names) == 1 else [])
-    )
+    candidates = preferred or [name for name in names if name in IMAGE_KEYS] or (names if len(names) == 1 else [])
     if len(candidates) != 1:
         raise ValueError(f"Cannot tell which of the {what} {names} holds the images; pass `image_column`.")
     return candidates[0]
@@ -684,11 +669,11 @@ def _dataset_batches(
         source = dataset.with_format("torch", columns=[column])
 
         def convert(examples: Any, start: int) -> torch.Tensor:
-            tensors = list(examples)
+            # The column is declared uint8, so every value is in 0..255 (the torch format widens it to int64).
+            tensors = [tensor.to(torch.uint8) for tensor in examples]
             for offset, tensor in enumerate(tensors):
                 _check_batch(tensor.unsqueeze(0), shape, f"image {start + offset} of the dataset")
-            # The column is declared uint8, so every value is in 0..255 (the torch format widens it to int64).
-            return torch.stack(tensors).to(torch.uint8)
+            return torch.stack(tensors)
 
     starts = range(0, len(dataset), batch_size)
     batches = (convert(source[start : start + batch_size][column], start) for start in starts)
