@@ -99,9 +99,7 @@ def image_to_uint8(image: Any, where: str) -> torch.Tensor:
         if image.ndim == 3 and image.shape[2] in (1, 3):
             return torch.from_numpy(image.copy()).permute(2, 0, 1).contiguous()
         raise ValueError(f"{where} is an array of shape {image.shape}; expected (H, W) or (H, W, 1|3).")
-    raise ValueError(
-        f"{where} is a {type(image).__name__}; expected a PIL image (mode 'L' or 'RGB') or a uint8 array."
-    )
+    raise ValueError(f"{where} is a {type(image).__name__}; expected a PIL image (mode 'L' or 'RGB') or a uint8 array.")
 
 
 def check_image_shape(image: torch.Tensor, shape: Sequence[int] | None, where: str) -> None:
@@ -194,8 +192,7 @@ def find_image_column(column_types: dict[str, Any], image_column: str | None, na
     if image_column is not None:
         if image_column not in column_types:
             raise ValueError(
-                f"`--image_column` {image_column!r} is not a column of {name}; its columns are "
-                f"{list(column_types)}."
+                f"`--image_column` {image_column!r} is not a column of {name}; its columns are {list(column_types)}."
             )
         return image_column
     image_columns = [column for column, feature in column_types.items() if isinstance(feature, ImageFeature)]
@@ -203,8 +200,7 @@ def find_image_column(column_types: dict[str, Any], image_column: str | None, na
         return image_columns[0]
     if not image_columns:
         raise ValueError(
-            f"{name} has no column of type datasets.Image (columns: {list(column_types)}); "
-            "pass `--image_column`."
+            f"{name} has no column of type datasets.Image (columns: {list(column_types)}); pass `--image_column`."
         )
     raise ValueError(f"{name} has several image columns {image_columns}; choose one with `--image_column`.")
 
@@ -275,9 +271,7 @@ def load_image_splits(
         test.check_first()
         train = None
         if train_split is not None:
-            train = UInt8ImageDataset(
-                load_digits_uint8(train_split), shape, name=f"the digits split {train_split!r}"
-            )
+            train = UInt8ImageDataset(load_digits_uint8(train_split), shape, name=f"the digits split {train_split!r}")
             train.check_first()
         description = f"digits split {test_split!r} ({len(test)} of 1797 images, seed {DIGITS_SPLIT_SEED})"
         return train, test, description

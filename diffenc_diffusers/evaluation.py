@@ -39,9 +39,7 @@ def repeat_seed(seed: int, repeat: int) -> int:
 
 def _objective(pipe: Any, num_timesteps: int | None) -> DiffEncObjective:
     """The ELBO of the pipeline's networks and schedule, with T = ``num_timesteps`` (None: continuous)."""
-    return DiffEncObjective(
-        pipe.unet, pipe.scheduler, getattr(pipe, "encoder", None), num_timesteps=num_timesteps
-    )
+    return DiffEncObjective(pipe.unet, pipe.scheduler, pipe.encoder, num_timesteps=num_timesteps)
 
 
 def _device(pipe: Any) -> torch.device:
@@ -74,15 +72,13 @@ def bits_per_dim_terms(
         ``{term: array of shape (repeats, N)}`` for each of :data:`TERMS`, float64, bits/dim.
     """
     if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError(
-            f"`images` must be uint8 (N, C, H, W), got {images.dtype} of shape {tuple(images.shape)}."
-        )
+        raise ValueError(f"`images` must be uint8 (N, C, H, W), got {images.dtype} of shape {tuple(images.shape)}.")
     device = _device(pipe)
     results: dict[str, list[np.ndarray]] = {term: [] for term in TERMS}
     for repeat in range(repeats):
         generator = torch.Generator(device=device).manual_seed(repeat_seed(seed, repeat))
         output = pipe.bits_per_dim(
-            images.to(device), batch_size=batch_size, num_timesteps=num_timesteps, generator=generator
+            images, batch_size=batch_size, num_timesteps=num_timesteps, generator=generator, show_progress=False
         )
         for term in TERMS:
             results[term].append(torch.as_tensor(getattr(output, term)).double().cpu().numpy())
@@ -145,9 +141,7 @@ def diffusion_bpd_per_t(
             t = torch.full((len(batch),), float(t_value), dtype=torch.float64, device=device)
             values.append(objective(batch, t=t, generator=generator).loss_diff.double().cpu())
         per_image = torch.cat(values).numpy()
-        rows.append(
-            {"t": float(t_value), "loss_diff": float(per_image.mean()), "se": standard_error(per_image)}
-        )
+        rows.append({"t": float(t_value), "loss_diff": float(per_image.mean()), "se": standard_error(per_image)})
     return rows
 
 
@@ -229,9 +223,7 @@ def save_sample_grid(
 
 
 @torch.no_grad()
-def save_encoder_figure(
-    pipe: Any, images: torch.Tensor, t_values: list[float], path: str | Path
-) -> Path | None:
+def save_encoder_figure(pipe: Any, images: torch.Tensor, t_values: list[float], path: str | Path) -> Path | None:
     """The encoder figure of the DiffEnc paper: for each image (a row), x, then x_phi(x, t) - x and
     y_phi(x, t) at each t.
 
@@ -268,9 +260,7 @@ def save_encoder_figure(
         array = value.float().cpu().permute(1, 2, 0).numpy()
         if array.shape[-1] == 1:
             limit = float(np.abs(array).max()) if signed else 1.0
-            axis.imshow(
-                array[..., 0], cmap="RdBu_r" if signed else "gray", vmin=-limit or -1, vmax=limit or 1
-            )
+            axis.imshow(array[..., 0], cmap="RdBu_r" if signed else "gray", vmin=-limit or -1, vmax=limit or 1)
         else:
             low, high = float(array.min()), float(array.max())
             axis.imshow((array - low) / (high - low) if high > low else np.zeros_like(array))
@@ -292,9 +282,7 @@ def save_encoder_figure(
             )
             if with_y:
                 y_scale = float(y[row].abs().max())
-                show(
-                    axes[row, index + 1], y[row], f"y_phi, t={t_value:.2f}\n|max| {y_scale:.2g}", signed=True
-                )
+                show(axes[row, index + 1], y[row], f"y_phi, t={t_value:.2f}\n|max| {y_scale:.2g}", signed=True)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -368,15 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="As in training: the held-out fraction of 'train' when the data has no --split.",
     )
     parser.add_argument("--cache_dir", default=None)
-    parser.add_argument(
-        "--num_images", type=int, default=None, help="Evaluate the first N images (default all)."
-    )
-    parser.add_argument(
-        "--num_timesteps", type=int, nargs="*", default=[], help="T values of discrete-time bpd."
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=1, help="Independent draws of t and the noise per image."
-    )
+    parser.add_argument("--num_images", type=int, default=None, help="Evaluate the first N images (default all).")
+    parser.add_argument("--num_timesteps", type=int, nargs="*", default=[], help="T values of discrete-time bpd.")
+    parser.add_argument("--repeats", type=int, default=1, help="Independent draws of t and the noise per image.")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--t_grid_points", type=int, default=20, help="Points of the per-t diffusion curve.")
@@ -386,9 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_samples", type=int, default=64)
     parser.add_argument("--num_inference_steps", type=int, default=256)
     parser.add_argument("--eta", type=float, default=1.0, help="1: ancestral sampler, 0: deterministic.")
-    parser.add_argument(
-        "--encoder_figure", default=None, help="PNG path for the encoder figure (DiffEnc only)."
-    )
+    parser.add_argument("--encoder_figure", default=None, help="PNG path for the encoder figure (DiffEnc only).")
     parser.add_argument("--encoder_figure_images", type=int, default=4)
     parser.add_argument("--encoder_figure_t", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
@@ -457,6 +437,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seeds": [repeat_seed(args.seed, repeat) for repeat in range(args.repeats)],
         **results,
         "sample_grid": None,
+        "sampling": None,
         "encoder_figure": None,
     }
     if args.sample_grid is not None:

@@ -38,12 +38,13 @@ class DiffEncObjectiveOutput(BaseOutput):
             time the end t_i = (i + 1) / T of the sampled step.
     """
 
-    loss: torch.Tensor
-    bpd: torch.Tensor
-    loss_recon: torch.Tensor
-    loss_klz: torch.Tensor
-    loss_diff: torch.Tensor
-    t: torch.Tensor
+    # `None` defaults, as in diffusers' outputs, let accelerate rebuild the output after its fp32 conversion.
+    loss: torch.Tensor = None
+    bpd: torch.Tensor = None
+    loss_recon: torch.Tensor = None
+    loss_klz: torch.Tensor = None
+    loss_diff: torch.Tensor = None
+    t: torch.Tensor = None
 
 
 class Encoding(NamedTuple):

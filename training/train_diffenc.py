@@ -13,10 +13,11 @@ encoder, learned schedule endpoints), writes atomic checkpoints it can resume fr
 TensorBoard, and finally saves the EMA pipeline with ``save_pretrained`` into ``--output_dir`` (optionally
 pushing it to the Hub).
 
-Determinism: everything random in an update step (the images it reads, their flips, t, eps and eps_0, and the
-dropout masks) is drawn from generators seeded by (``--seed``, step, micro-step), so a resumed run continues
-exactly as the uninterrupted one would, and the same global batch on 1 or N processes sees the same data and
-noise (t, eps and eps_0 are drawn for the whole global batch and each process takes its slice).
+Determinism: the image order is a stream of permutations seeded by (``--seed``, epoch), read from a position
+stored in checkpoints, and everything else random in an update step (flips, t, eps, eps_0, dropout masks) is
+drawn from generators seeded by (``--seed``, step, micro-step). So a resumed run continues exactly as the
+uninterrupted one would, and the same global batch on 1 or N processes sees the same data and noise (t, eps
+and eps_0 are drawn for the whole global batch and each process takes its slice).
 
 See training/README.md for every flag, the checkpoint layout and the outputs.
 """
@@ -137,7 +138,7 @@ TRAINING_CONFIG_FLAGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     "resolution": (
         positive_int,
         None,
-        "Image height and width; images are never resized (default: the model's).",
+        "Image height and width; images are never resized.",
     ),
     "train_batch_size": (positive_int, 128, "Images per process per micro-step."),
     "learning_rate": (positive_float, 2e-4, "AdamW learning rate after warm-up."),
@@ -166,7 +167,7 @@ TRAINING_CONFIG_FLAGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser. Flags that training_config.json may set default to None (unset)."""
+    """The command-line parser."""
     parser = argparse.ArgumentParser(
         description="Train a VDM / DiffEnc model (DiffEncObjective, bits/dim) with accelerate.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -182,19 +183,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--dropout",
         type=unit_interval,
         default=None,
-        help="Override the dropout of the denoiser and the encoder (default: the preset's).",
+        help="Override the dropout of the denoiser and the encoder (None: the preset's).",
     )
     model.add_argument("--gradient_checkpointing", action="store_true", help="Checkpoint the denoiser's blocks.")
 
     config = parser.add_argument_group("training settings (default: the preset's training_config.json)")
     for name, (kind, default, help_text) in TRAINING_CONFIG_FLAGS.items():
         flags = ["--dataset", "--dataset_name"] if name == "dataset" else [f"--{name}"]
+        # Unset flags stay absent (SUPPRESS) so that the preset's value can fill them.
+        options: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
         if kind is bool_type:
-            config.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            options["action"] = argparse.BooleanOptionalAction
         elif name == "mixed_precision":
-            config.add_argument(*flags, dest=name, choices=MIXED_PRECISION_CHOICES, default=None, help=help_text)
+            options["choices"] = MIXED_PRECISION_CHOICES
         else:
-            config.add_argument(*flags, dest=name, type=kind, default=None, help=f"{help_text} [{default}]")
+            options["type"] = kind
+        fallback = {
+            "dataset": "--train_data_dir is required",
+            "resolution": "the denoiser's sample_size",
+            "max_train_steps": "required",
+        }.get(name, f"default {default}")
+        config.add_argument(*flags, help=f"{help_text} (preset's value; else {fallback})", **options)
 
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -304,14 +313,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flag, the value and what is accepted.
     """
     args = build_parser().parse_args(argv)
-    if args.train_data_dir is not None and args.dataset is not None:
+    if args.train_data_dir is not None and hasattr(args, "dataset"):
         raise ValueError(
             f"Give either --dataset ({args.dataset!r}) or --train_data_dir ({args.train_data_dir!r}), not both."
         )
     args.preset_dir = resolve_preset(args.preset)
     preset_config = read_training_config(args.preset_dir)
     for name, (_, default, _) in TRAINING_CONFIG_FLAGS.items():
-        if getattr(args, name) is None:
+        if not hasattr(args, name):
             setattr(args, name, preset_config.get(name, default))
     if args.num_timesteps == "continuous":
         args.num_timesteps = None
@@ -345,7 +354,7 @@ def build_components(args: argparse.Namespace) -> tuple[nn.Module, VDMScheduler,
     """
     torch.manual_seed(args.seed)
     pipe = DiffEncPipeline.from_preset(str(args.preset_dir))
-    unet, scheduler, encoder = pipe.unet, pipe.scheduler, getattr(pipe, "encoder", None)
+    unet, scheduler, encoder = pipe.unet, pipe.scheduler, pipe.encoder
     if args.resolution is None:
         args.resolution = int(unet.config.sample_size)
     if encoder is not None:
@@ -366,28 +375,6 @@ def build_components(args: argparse.Namespace) -> tuple[nn.Module, VDMScheduler,
         if encoder is not None:
             encoder = type(encoder).from_config(encoder.config, **overrides)
     return unet, scheduler, encoder
-
-
-class TrainingStep(nn.Module):
-    """The objective as accelerate prepares it: one module (so DDP syncs the denoiser, the encoder and the
-    learned schedule endpoints together) whose output is a plain dict of per-image bits/dim tensors."""
-
-    def __init__(self, objective: DiffEncObjective):
-        super().__init__()
-        self.objective = objective
-
-    def forward(
-        self, images: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, recon_noise: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """Per-image terms in bits/dim, shape (B,), and their mean ``loss``, for uint8 images (B, C, H, W)."""
-        output = self.objective(images, t=t, noise=noise, recon_noise=recon_noise)
-        return {
-            "loss": output.loss,
-            "bpd": output.bpd,
-            "loss_recon": output.loss_recon,
-            "loss_klz": output.loss_klz,
-            "loss_diff": output.loss_diff,
-        }
 
 
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -669,7 +656,10 @@ def load_training_state(
             f"{folder} has checkpoint format {state.get('format_version')}, not {CHECKPOINT_FORMAT_VERSION}."
         )
     device = next(model.parameters()).device
-    model.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
+    try:
+        model.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
+    except RuntimeError as error:
+        raise ValueError(f"{folder} holds the weights of another model than --preset builds: {error}") from None
     shadow = load_file(folder / "ema.safetensors", device=str(device))
     names = [name for name, _ in model.named_parameters()]
     if sorted(shadow) != sorted(names):
@@ -813,9 +803,8 @@ class Trainer:
         objective = DiffEncObjective(setup.unet, setup.scheduler, setup.encoder, num_timesteps=args.num_timesteps)
         if args.gradient_checkpointing:
             objective.unet.enable_gradient_checkpointing()
-        step_module = TrainingStep(objective)
         optimizer = torch.optim.AdamW(
-            parameter_groups(step_module, args.adam_weight_decay),
+            parameter_groups(objective, args.adam_weight_decay),
             lr=args.learning_rate,
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon,
@@ -827,8 +816,9 @@ class Trainer:
             num_warmup_steps=args.lr_warmup_steps,
             num_training_steps=args.max_train_steps,
         )
-        self.step_module, self.optimizer = accelerator.prepare(step_module, optimizer)
-        self.objective: DiffEncObjective = accelerator.unwrap_model(self.step_module).objective
+        # One prepared module, so DDP syncs the denoiser, the encoder and the learned schedule endpoints together.
+        self.prepared_objective, self.optimizer = accelerator.prepare(objective, optimizer)
+        self.objective: DiffEncObjective = accelerator.unwrap_model(self.prepared_objective)
         self.parameters = list(self.objective.parameters())
         self.ema = EMAModel(self.parameters, decay=args.ema_decay)
         self.ema.to(accelerator.device)
@@ -892,11 +882,13 @@ class Trainer:
             if args.random_flip:
                 images = torch.where(draws["flip"].view(-1, 1, 1, 1), images.flip(-1), images)
             torch.manual_seed(derive_seed(args.seed, self.global_step, micro_step, self.rank, _SALT_DROPOUT))
-            with accelerator.accumulate(self.step_module):
-                terms = self.step_module(images, t=draws["t"], noise=draws["noise"], recon_noise=draws["recon_noise"])
-                accelerator.backward(terms["loss"])
+            with accelerator.accumulate(self.prepared_objective):
+                terms = self.prepared_objective(
+                    images, t=draws["t"], noise=draws["noise"], recon_noise=draws["recon_noise"]
+                )
+                accelerator.backward(terms.loss)
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(self.step_module.parameters(), max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(self.prepared_objective.parameters(), max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             sums = [terms[name].detach().double().sum() for name in TERM_NAMES]
@@ -1044,7 +1036,7 @@ class Trainer:
             disable=not self.accelerator.is_local_main_process,
             desc="steps",
         )
-        self.step_module.train()
+        self.prepared_objective.train()
         while self.global_step < args.max_train_steps:
             logs = self.train_step()
             progress.update(1)

@@ -1,0 +1,413 @@
+"""training/train_diffenc.py: a real (tiny) run, exact resume after SIGKILL, checkpoint safety, two processes,
+Hub upload of exactly the pipeline files, and flags that fail before any training.
+
+The runs use a tiny trainable-DiffEnc preset written by the tests (8x8 digits, a few thousand parameters) so
+that each takes seconds on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffenc_diffusers import (
+    DiffEncEncoderModel,
+    DiffEncObjectiveOutput,
+    DiffEncPipeline,
+    VDMScheduler,
+    VDMUNetModel,
+)
+from diffenc_diffusers.data import load_digits_uint8
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "training" / "train_diffenc.py"
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": str(REPO_ROOT),
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+}
+# Short evaluation and sampling, so that the training steps dominate.
+FAST = [
+    "--num_inference_steps", "3",
+    "--num_validation_images", "4",
+    "--eval_num_images", "16",
+    "--final_eval_num_images", "32",
+    "--eval_batch_size", "32",
+]  # fmt: skip
+PIPELINE_FILES = {
+    "model_index.json",
+    "README.md",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
+    "encoder/config.json",
+    "encoder/diffusion_pytorch_model.safetensors",
+}
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_diffenc", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+train_diffenc = load_script()
+
+
+def write_preset(folder: Path, **training: object) -> Path:
+    """A tiny trainable-DiffEnc preset with a learned schedule: configs only (no weights) + training_config."""
+    unet = VDMUNetModel(sample_size=8, in_channels=1, hidden_channels=16, num_layers=1, norm_num_groups=8)
+    encoder = DiffEncEncoderModel(
+        sample_size=8, in_channels=1, block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=8
+    )
+    scheduler = VDMScheduler(encoder_type="trainable", schedule="learned_linear")
+    DiffEncPipeline(unet=unet, scheduler=scheduler, encoder=encoder).save_pretrained(folder)
+    for weights in folder.rglob("*.safetensors"):
+        weights.unlink()
+    config = {
+        "dataset": "digits",
+        "resolution": 8,
+        "train_batch_size": 16,
+        "learning_rate": 2e-3,
+        "lr_warmup_steps": 2,
+        "max_train_steps": 6,
+        "ema_decay": 0.9,
+        "num_timesteps": None,
+        "max_grad_norm": 1.0,
+        "mixed_precision": "no",
+        "gradient_accumulation_steps": 1,
+        "checkpointing_steps": 2,
+        "eval_batch_size": 32,
+        "random_flip": True,
+    }
+    config.update(training)
+    (folder / "training_config.json").write_text(json.dumps({k: v for k, v in config.items() if v != "omit"}))
+    return folder
+
+
+def train_command(preset: Path, output: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), "--preset", str(preset), "--output_dir", str(output), *FAST, *extra]
+
+
+def run(command: list[str], timeout: float = 300) -> None:
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def tensors_equal(first: Path, second: Path) -> bool:
+    a, b = load_file(first), load_file(second)
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory) -> Path:
+    return write_preset(tmp_path_factory.mktemp("preset"))
+
+
+@pytest.fixture(scope="module")
+def base_run(preset, tmp_path_factory) -> Path:
+    """6 steps, checkpoints every 2 steps, at most 2 kept, a validation grid at step 3, dropout 0.1 (preset)."""
+    output = tmp_path_factory.mktemp("base") / "run"
+    run(train_command(preset, output, "--checkpoints_total_limit", "2", "--validation_steps", "3"))
+    return output
+
+
+def test_run_saves_a_loadable_ema_pipeline_with_outputs(base_run):
+    pipe = DiffEncPipeline.from_pretrained(str(base_run))
+    assert isinstance(pipe.encoder, DiffEncEncoderModel)
+    # The saved weights are the EMA weights of the final checkpoint, learned schedule endpoints included.
+    ema = load_file(base_run / "checkpoint-6" / "ema.safetensors")
+    raw = load_file(base_run / "checkpoint-6" / "model.safetensors")
+    unet_state = pipe.unet.state_dict()
+    assert all(torch.equal(unet_state[name], ema[f"unet.{name}"]) for name in unet_state)
+    assert not all(torch.equal(ema[name], raw[name]) for name in ema)
+    assert pipe.scheduler.config.schedule == "learned_linear"
+    assert pipe.scheduler.config.gamma_min == pytest.approx(float(ema["gamma_min"]))
+    assert pipe.scheduler.config.gamma_max == pytest.approx(float(ema["gamma_max"]))
+    assert float(ema["gamma_max"]) != 5.0
+
+    result = json.loads((base_run / "test_bpd.json").read_text())
+    continuous = result["continuous"]
+    assert result["steps"] == 6 and continuous["num_images"] == 32
+    assert continuous["bpd"] == pytest.approx(
+        continuous["loss_recon"] + continuous["loss_klz"] + continuous["loss_diff"], rel=1e-6
+    )
+    assert f"{continuous['bpd']:.4f} bits/dim" in (base_run / "README.md").read_text()
+    for grid in ("samples/step-0000003.png", "samples/final.png"):
+        assert Image.open(base_run / grid).size[0] > 8
+
+
+def test_run_logs_every_term_to_tensorboard(base_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [path.parent for path in (base_run / "logs").rglob("events.out.tfevents.*")]
+    tags: set[str] = set()
+    images: set[str] = set()
+    for folder in events:
+        accumulator = EventAccumulator(str(folder)).Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+        images |= set(accumulator.Tags()["images"])
+    for name in ("bpd", "loss_recon", "loss_klz", "loss_diff", "grad_norm", "lr", "images_per_second"):
+        assert f"train/{name}" in tags
+    assert {"test/bpd", "test/loss_diff"} <= tags
+    assert "ema_samples" in images
+
+
+def test_checkpoint_limit_holds(base_run):
+    checkpoints = sorted(path.name for path in base_run.glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-4", "checkpoint-6"]
+    assert all(train_diffenc.is_complete_checkpoint(base_run / name) for name in checkpoints)
+
+
+def test_sigkill_then_resume_ends_with_the_same_parameters(preset, base_run, tmp_path):
+    output = tmp_path / "killed"
+    process = subprocess.Popen(
+        train_command(preset, output, "--checkpoints_total_limit", "2", "--validation_steps", "3"),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while train_diffenc.find_latest_checkpoint(output) is None and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    assert not (output / "model_index.json").exists()
+    killed_at = train_diffenc.find_latest_checkpoint(output)
+    assert train_diffenc.checkpoint_step(killed_at) < 6
+
+    # Leftovers of writes cut off mid-way: neither may be resumed from, and the temporary one is cleaned up.
+    cut_off = output / "checkpoint-5"
+    cut_off.mkdir()
+    (cut_off / "model.safetensors").write_bytes(b"partial")
+    temporary = output / "checkpoint-5.tmp-123"
+    temporary.mkdir()
+    (temporary / train_diffenc.CHECKPOINT_MARKER).write_text(json.dumps({"step": 5, "files": {}}))
+
+    run(train_command(preset, output, "--checkpoints_total_limit", "2", "--resume_from_checkpoint", "latest"))
+    assert not temporary.exists() and cut_off.exists()
+    for name in (
+        "checkpoint-6/model.safetensors",
+        "checkpoint-6/ema.safetensors",
+        "checkpoint-6/optimizer.safetensors",
+    ):
+        assert tensors_equal(base_run / name, output / name), name
+    for name in ("unet", "encoder"):
+        weights = f"{name}/diffusion_pytorch_model.safetensors"
+        assert tensors_equal(base_run / weights, output / weights), weights
+    assert json.loads((output / "checkpoint-6" / "training_state.json").read_text())["images_seen"] == 6 * 16
+
+
+def test_two_processes_train_like_one(preset, tmp_path):
+    """Global batch 16: one process with 16 images, or two with 8 each (gloo), give the same parameters."""
+    common = ["--dropout", "0", "--max_train_steps", "3", "--checkpointing_steps", "3", "--validation_steps", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two_command = train_command(preset, two, "--cpu", "--train_batch_size", "8", "--report_to", "none", *common)
+    two_command[0:1] = launcher
+    run(two_command)
+    run(train_command(preset, one, "--cpu", "--train_batch_size", "16", "--report_to", "none", *common))
+    assert json.loads((two / "checkpoint-3" / "training_state.json").read_text())["num_processes"] == 2
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(one / "checkpoint-3" / name), load_file(two / "checkpoint-3" / name)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
+    # The tolerance is far below what three steps move the parameters.
+    initial = DiffEncPipeline.from_preset(str(preset)).unet.state_dict()
+    trained = load_file(one / "checkpoint-3" / "model.safetensors")
+    assert max((trained[f"unet.{k}"] - v).abs().max().item() for k, v in initial.items()) > 1e-3
+
+
+def test_cut_off_checkpoint_is_never_picked(tmp_path):
+    def write(folder: Path) -> None:
+        (folder / "model.safetensors").write_bytes(b"x" * 100)
+
+    def crash(folder: Path) -> None:
+        (folder / "model.safetensors").write_bytes(b"x" * 10)
+        raise KeyboardInterrupt
+
+    first = train_diffenc.write_checkpoint(tmp_path, 2, write)
+    assert train_diffenc.find_latest_checkpoint(tmp_path) == first
+    with pytest.raises(KeyboardInterrupt):
+        train_diffenc.write_checkpoint(tmp_path, 4, crash)
+    assert not (tmp_path / "checkpoint-4").exists()
+    assert train_diffenc.find_latest_checkpoint(tmp_path) == first
+    # A folder with a checkpoint's name but a file shorter than its marker says (e.g. copied while written).
+    truncated = train_diffenc.write_checkpoint(tmp_path, 6, write)
+    (truncated / "model.safetensors").write_bytes(b"x" * 50)
+    assert train_diffenc.find_latest_checkpoint(tmp_path) == first
+    assert [p.name for p in train_diffenc.remove_partial_checkpoints(tmp_path)] == [f"checkpoint-4.tmp-{os.getpid()}"]
+    # Pruning keeps the newest complete ones and never the checkpoint resumed from.
+    for step in (8, 10):
+        train_diffenc.write_checkpoint(tmp_path, step, write)
+    deleted = train_diffenc.prune_checkpoints(tmp_path, 1, keep=first)
+    assert sorted(p.name for p in deleted) == ["checkpoint-8"]
+    assert [step for step, _ in train_diffenc.complete_checkpoints(tmp_path)] == [2, 10]
+
+
+def test_push_uploads_exactly_the_pipeline_files(preset, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from diffenc_diffusers import hub
+
+    calls: dict[str, list[dict]] = {"create_repo": [], "upload_folder": []}
+
+    def create_repo(repo_id, **kwargs):
+        calls["create_repo"].append({"repo_id": repo_id, **kwargs})
+        return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"me/{repo_id}")
+
+    def upload_folder(**kwargs):
+        calls["upload_folder"].append(kwargs)
+
+    for module in (huggingface_hub, hub):
+        monkeypatch.setattr(module, "create_repo", create_repo)
+    monkeypatch.setattr(hub, "upload_folder", upload_folder)
+    output = tmp_path / "pushed"
+    train_diffenc.main(
+        [
+            *("--preset", str(preset), "--output_dir", str(output), *FAST, "--max_train_steps", "1"),
+            *("--validation_steps", "0", "--report_to", "none", "--push_to_hub", "--hub_model_id", "org/tiny"),
+            *("--hub_token", "secret", "--hub_private_repo"),
+        ]
+    )
+    assert calls["create_repo"][0] == {"repo_id": "org/tiny", "exist_ok": True, "private": True, "token": "secret"}
+    (upload,) = calls["upload_folder"]
+    assert upload["repo_id"] == "org/tiny" and upload["token"] == "secret"
+    assert Path(upload["folder_path"]) == output and (output / "checkpoint-1").is_dir()
+    local = [path.relative_to(output).as_posix() for path in output.rglob("*") if path.is_file()]
+    uploaded = set(
+        filter_repo_objects(
+            local, allow_patterns=upload["allow_patterns"], ignore_patterns=upload.get("ignore_patterns")
+        )
+    )
+    assert uploaded == PIPELINE_FILES
+    bpd = json.loads((output / "test_bpd.json").read_text())["continuous"]["bpd"]
+    assert f"{bpd:.4f} bits/dim" in (output / "README.md").read_text()
+
+
+def write_16_bit_folder(root: Path) -> Path:
+    folder = root / "train" / "a"
+    folder.mkdir(parents=True)
+    for index in range(3):
+        Image.fromarray(np.full((8, 8), 1000 * index, np.uint16)).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--train_data_dir", "/no/such/folder"], "--train_data_dir '/no/such/folder' is not a directory"),
+        (["--dataset", "digits", "--train_data_dir", "."], "either --dataset"),
+        (["--resolution", "6"], "--resolution 6 cannot be pooled by the preset's encoder.*multiple of 4"),
+        (["--resolution", "12"], "is 8x8 .* but the model takes 12x12 .*never resized"),
+        (["--resume_from_checkpoint", "/no/such/checkpoint-2"], "not a complete checkpoint"),
+        (["--train_split", "validation"], "digits dataset has the splits"),
+    ],
+)
+def test_bad_flags_fail_before_training(preset, tmp_path, flags, message):
+    output = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        train_diffenc.main(["--preset", str(preset), "--output_dir", str(output), *flags])
+    assert not output.exists()
+
+
+def test_bad_data_and_presets_fail_before_training(preset, tmp_path, capsys):
+    output = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"PIL mode 'I;16'; only 8-bit images"):
+        train_diffenc.main(
+            [
+                "--preset",
+                str(preset),
+                "--output_dir",
+                str(output),
+                "--train_data_dir",
+                str(write_16_bit_folder(tmp_path)),
+            ]
+        )
+    with pytest.raises(ValueError, match=r"--preset 'no-such-preset'.*available presets"):
+        train_diffenc.main(["--preset", "no-such-preset", "--output_dir", str(output)])
+    no_data = write_preset(tmp_path / "no-data", dataset="omit")
+    with pytest.raises(ValueError, match=r"No training data.*--dataset.*--train_data_dir"):
+        train_diffenc.main(["--preset", str(no_data), "--output_dir", str(output)])
+    typo = write_preset(tmp_path / "typo", learning_rte=1.0)
+    with pytest.raises(ValueError, match="unknown keys \\['learning_rte'\\]"):
+        train_diffenc.main(["--preset", str(typo), "--output_dir", str(output)])
+    assert not output.exists()
+    for flags in (["--mixed_precision", "fp8"], ["--learning_rate", "-1"], ["--num_timesteps", "0"]):
+        with pytest.raises(SystemExit):
+            train_diffenc.main(["--preset", str(preset), "--output_dir", str(output), *flags])
+    assert "--mixed_precision: invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["digits-vdm", "digits-diffenc-nontrainable", "digits-diffenc-trainable"])
+def test_presets_training_configs_are_flags(name, tmp_path):
+    args = train_diffenc.parse_args(["--preset", name, "--output_dir", str(tmp_path), "--learning_rate", "0.5"])
+    config = json.loads((REPO_ROOT / "pipelines" / name / "training_config.json").read_text())
+    assert args.learning_rate == 0.5 and args.dataset == config["dataset"] == "digits"
+    assert args.max_train_steps == config["max_train_steps"] and args.num_timesteps is None
+
+
+def test_existing_run_needs_resume_flag(preset, base_run):
+    with pytest.raises(ValueError, match=r"already holds checkpoints.*--resume_from_checkpoint latest"):
+        train_diffenc.main(["--preset", str(preset), "--output_dir", str(base_run)])
+
+
+def test_objective_survives_accelerates_mixed_precision_wrapper(preset):
+    """accelerate wraps a prepared module's forward in autocast and converts its outputs to float32; the
+    objective's output (per-image bits/dim) must be rebuilt intact, stay float32 and carry gradients."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    pipe = DiffEncPipeline.from_preset(str(preset))
+    objective = train_diffenc.DiffEncObjective(pipe.unet, pipe.scheduler, pipe.encoder)
+    forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(objective.forward))
+    draws = train_diffenc.step_randomness(0, 0, 0, 4, (1, 8, 8), rank=0, per_rank=4)
+    terms = forward(
+        load_digits_uint8("train")[:4], t=draws["t"], noise=draws["noise"], recon_noise=draws["recon_noise"]
+    )
+    assert isinstance(terms, DiffEncObjectiveOutput)
+    assert set(terms) == {"loss", "t", *train_diffenc.TERM_NAMES}
+    assert all(terms[name].dtype == torch.float32 for name in ("loss", *train_diffenc.TERM_NAMES))
+    assert terms.bpd.shape == (4,)
+    terms.loss.backward()
+    assert objective.unet.conv_out.weight.grad.abs().sum() > 0
+
+
+def test_step_randomness_is_keyed_by_global_position():
+    whole = train_diffenc.step_randomness(0, 5, 1, 8, (1, 2, 2), rank=0, per_rank=8)
+    halves = [train_diffenc.step_randomness(0, 5, 1, 8, (1, 2, 2), rank=r, per_rank=4) for r in (0, 1)]
+    for name in ("t", "noise", "recon_noise", "flip"):
+        assert torch.equal(whole[name], torch.cat([half[name] for half in halves]))
+    t = whole["t"].sort().values
+    assert torch.allclose(t[1:] - t[:-1], torch.full((7,), 1 / 8, dtype=torch.float64))
+    assert not torch.equal(whole["noise"], train_diffenc.step_randomness(0, 6, 1, 8, (1, 2, 2), 0, 8)["noise"])
+
+
+def test_data_stream_splits_global_batches_across_processes():
+    one = iter(train_diffenc.StreamBatchSampler(10, 4, 1, 0, seed=3, start=0))
+    two = [iter(train_diffenc.StreamBatchSampler(10, 2, 2, rank, seed=3, start=0)) for rank in (0, 1)]
+    batches = [next(one) for _ in range(5)]
+    assert all(batch == next(two[0]) + next(two[1]) for batch in batches)
+    # Every epoch is a permutation; resuming at position 8 continues the same stream.
+    stream = [index for batch in batches for index in batch]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    resumed = iter(train_diffenc.StreamBatchSampler(10, 4, 1, 0, seed=3, start=8))
+    assert next(resumed) == stream[8:12]
