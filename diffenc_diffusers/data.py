@@ -114,8 +114,8 @@ def check_image_shape(image: torch.Tensor, shape: Sequence[int] | None, where: s
         )
     raise ValueError(
         f"{where} is {image.shape[1]}x{image.shape[2]} (height x width) but the model takes "
-        f"{height}x{width} (`--resolution` {height}); images are never resized: use the resolution of the "
-        "data or resize the dataset beforehand."
+        f"{height}x{width} (its `sample_size`); images are never resized: use the resolution of the data or "
+        "resize the dataset beforehand."
     )
 
 

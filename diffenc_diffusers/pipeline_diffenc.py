@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -24,6 +23,7 @@ from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 
+from .data import check_image_shape, image_to_uint8
 from .discretization import grid_to_uint8
 from .hub import (
     CONFIG_NAMES,
@@ -654,7 +654,7 @@ def _dataset_batches(
         def convert(examples: Any, start: int) -> torch.Tensor:
             return torch.stack(
                 [
-                    _pil_to_chw(image, shape, f"image {start + offset} of the dataset")
+                    _checked_image(image, shape, f"image {start + offset} of the dataset")
                     for offset, image in enumerate(examples)
                 ]
             )
@@ -680,6 +680,15 @@ def _dataset_batches(
     return _SizedBatches(batches, len(starts))
 
 
+def _checked_image(image: Any, shape: tuple[int, int, int], what: str) -> torch.Tensor:
+    """A PIL image of a dataset as an exact uint8 tensor (C, H, W) of the model's shape."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"{what} must be a PIL image, got {type(image).__name__}.")
+    tensor = image_to_uint8(image, what)
+    check_image_shape(tensor, shape, what)
+    return tensor
+
+
 def _feature_dtype(feature: Any) -> str | None:
     """The value dtype of a datasets feature (arrays, sequences and lists of values), or None."""
     while feature is not None:
@@ -688,24 +697,3 @@ def _feature_dtype(feature: Any) -> str | None:
             return dtype
         feature = getattr(feature, "feature", None)
     return None
-
-
-def _pil_to_chw(image: Any, shape: tuple[int, int, int], what: str) -> torch.Tensor:
-    """A PIL image as a uint8 tensor (C, H, W), exactly, after checking its mode and size."""
-    channels, height, width = shape
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"{what} must be a PIL image, got {type(image).__name__}.")
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if image.mode != mode:
-        accepted = f"mode {mode!r}" if mode else "no PIL mode (use uint8 arrays)"
-        raise ValueError(
-            f"{what} has PIL mode {image.mode!r}; this model takes {channels}-channel 8-bit images: "
-            f"{accepted}. Images are never converted; convert the dataset first."
-        )
-    if image.size != (width, height):
-        raise ValueError(
-            f"{what} has size {image.size[0]}x{image.size[1]} (width x height); this model takes "
-            f"{width}x{height} images, and images are never resized."
-        )
-    array = torch.from_numpy(np.array(image, dtype=np.uint8))
-    return array.unsqueeze(0) if array.ndim == 2 else array.permute(2, 0, 1)
