@@ -1,0 +1,163 @@
+"""The paper's central claim at CPU scale: VDM vs non-trainable vs trainable DiffEnc on the built-in 8x8 digits.
+
+Trains each of the three digits presets with the same budget (steps, batch, optimiser) for several seeds with
+`training/train_diffenc.py`, evaluates every EMA pipeline on the held-out digits with the evaluation CLI, and
+writes what docs/results.md reports:
+
+    docs/results/digits_claim.json      per run and per variant: test bits/dim and its terms, mean and standard error
+    docs/results/digits_claim_table.md  the same as a markdown table
+    docs/results/training_curves.png    training and test bits/dim against step, mean over seeds
+    docs/results/encoder.png            the encoder figure of the first trainable DiffEnc seed
+    docs/results/samples_<variant>.png  samples of each variant's first seed
+
+Run from the repository root (about 30 minutes on 2 CPU cores with the defaults):
+
+    python scripts/digits_claim.py --steps 1000 --seeds 0 1 2 --jobs 2
+
+Runs that finished are not trained again (training resumes from the latest checkpoint), so an interrupted call
+can simply be repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+VARIANTS = {"vdm": "digits-vdm", "nontrainable": "digits-diffenc-nontrainable", "trainable": "digits-diffenc-trainable"}
+TERMS = ("bpd", "loss_recon", "loss_klz", "loss_diff")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=1000, help="Training steps of every run (same budget).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="Runs trained at the same time (one thread each).")
+    parser.add_argument("--repeats", type=int, default=3, help="Draws of t and noise per test image.")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "digits_claim", help="Run folders.")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results", help="Where results are written.")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.jobs < 1 or args.repeats < 1:
+        parser.error(f"--steps, --jobs and --repeats must be positive, got {args.steps}, {args.jobs}, {args.repeats}")
+    if len(args.seeds) < 2:
+        parser.error(f"--seeds needs at least 2 seeds for a standard error, got {args.seeds}")
+    return args
+
+
+def run_one(variant: str, seed: int, args: argparse.Namespace) -> Path:
+    """Train (or resume) one run and evaluate its EMA pipeline; returns the run folder."""
+    run_dir = args.out / f"{variant}-seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train = [
+        sys.executable, str(ROOT / "training" / "train_diffenc.py"), "--preset", VARIANTS[variant],
+        "--seed", str(seed), "--output_dir", str(run_dir), "--max_train_steps", str(args.steps),
+        "--resume_from_checkpoint", "latest", "--validation_steps", str(max(args.steps // 4, 1)),
+        "--num_validation_images", "16", "--num_inference_steps", "100",
+    ]  # fmt: skip
+    figures = run_dir / "evaluation"
+    evaluate = [
+        sys.executable, "-m", "diffenc_diffusers.evaluation", "--pipeline", str(run_dir), "--dataset", "digits",
+        "--repeats", str(args.repeats), "--seed", str(seed), "--output_json", str(figures / "bpd.json"),
+        "--sample_grid", str(figures / "samples.png"), "--num_samples", "64", "--num_inference_steps", "1000",
+    ]  # fmt: skip
+    if variant == "trainable":
+        evaluate += ["--encoder_figure", str(figures / "encoder.png")]
+    with open(run_dir / "run.log", "a") as log:
+        for command in (train, evaluate):
+            subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return run_dir
+
+
+def mean_and_standard_error(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(variance / len(values))
+
+
+def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) pairs of train/bpd and test/bpd from the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves: dict[str, list[tuple[int, float]]] = {"train/bpd": [], "test/bpd": []}
+    for events in sorted((run_dir / "logs").rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in curves:
+            if tag in accumulator.Tags()["scalars"]:
+                curves[tag] += [(event.step, event.value) for event in accumulator.Scalars(tag)]
+    return {tag: sorted(dict(points).items()) for tag, points in curves.items()}
+
+
+def plot_curves(curves: dict[str, list[dict[str, list[tuple[int, float]]]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for variant, runs in curves.items():
+        train = [np.array(run["train/bpd"]) for run in runs if run["train/bpd"]]
+        length = min(len(points) for points in train)
+        steps = train[0][:length, 0]
+        values = np.stack([points[:length, 1] for points in train])
+        window = max(length // 50, 1)
+        smooth = np.stack([np.convolve(v, np.ones(window) / window, mode="valid") for v in values])
+        axes[0].plot(steps[window - 1 :], smooth.mean(0), label=variant)
+        test = [np.array(run["test/bpd"]) for run in runs if run["test/bpd"]]
+        length = min(len(points) for points in test)
+        test_values = np.stack([points[:length, 1] for points in test])
+        error = test_values.std(0, ddof=1) / math.sqrt(len(test))
+        axes[1].errorbar(test[0][:length, 0], test_values.mean(0), yerr=error, marker="o", capsize=3, label=variant)
+    title = f"training bits/dim (moving average, mean of {len(train)} seeds)"
+    axes[0].set(title=title, xlabel="step", ylabel="bits/dim", yscale="log")
+    axes[1].set(title="EMA test bits/dim (mean ± s.e. over seeds)", xlabel="step", ylabel="bits/dim")
+    for axis in axes:
+        axis.legend()
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    jobs = [(variant, seed) for seed in args.seeds for variant in VARIANTS]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        run_dirs = dict(zip(jobs, pool.map(lambda job: run_one(*job, args), jobs), strict=True))
+
+    args.docs.mkdir(parents=True, exist_ok=True)
+    results: dict = {"steps": args.steps, "seeds": args.seeds, "repeats": args.repeats, "runs": {}, "variants": {}}
+    curves: dict[str, list] = {variant: [] for variant in VARIANTS}
+    for (variant, seed), run_dir in run_dirs.items():
+        evaluation = json.loads((run_dir / "evaluation" / "bpd.json").read_text())["continuous"]
+        results["runs"][f"{variant}-seed{seed}"] = {term: evaluation[term] for term in TERMS} | {
+            "se_images": evaluation["se_images"]
+        }
+        curves[variant].append(read_curves(run_dir))
+    rows = ["| model | test bpd | loss_recon | loss_klz | loss_diff |", "|---|---|---|---|---|"]
+    for variant in VARIANTS:
+        per_seed = [results["runs"][f"{variant}-seed{seed}"] for seed in args.seeds]
+        summary = {term: mean_and_standard_error([run[term] for run in per_seed]) for term in TERMS}
+        results["variants"][variant] = {term: {"mean": m, "se": se} for term, (m, se) in summary.items()}
+        rows.append(f"| {variant} | " + " | ".join(f"{m:.4f} ± {se:.4f}" for m, se in summary.values()) + " |")
+        first_run = run_dirs[(variant, args.seeds[0])]
+        shutil.copy(first_run / "evaluation" / "samples.png", args.docs / f"samples_{variant}.png")
+    shutil.copy(run_dirs[("trainable", args.seeds[0])] / "evaluation" / "encoder.png", args.docs / "encoder.png")
+    plot_curves(curves, args.docs / "training_curves.png")
+    table = "\n".join(rows) + "\n"
+    (args.docs / "digits_claim.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.docs / "digits_claim_table.md").write_text(table)
+    print(table)
+    print(f"Results in {args.docs}; runs in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
