@@ -473,5 +473,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return output
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``diffenc-evaluate`` console command: :func:`main` on ``sys.argv``, exiting 0 on success (a console
+    script passes its function's return value to ``sys.exit``, so this returns nothing)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -201,7 +201,8 @@ class DiffEncPipeline(DiffusionPipeline):
         sample = randn_tensor((batch_size, *self.image_shape), generator=generator, device=device, dtype=latent_dtype)
         for t in self.progress_bar(self.scheduler.timesteps):
             gamma_t = self.scheduler.gamma(t).to(latent_dtype).expand(batch_size)
-            model_output = self.unet(sample.to(self.unet.dtype), gamma_t).sample.to(latent_dtype)
+            with self._network_autocast(device):
+                model_output = self.unet(sample, gamma_t).sample.to(latent_dtype)
             sample = self.scheduler.step(model_output, t, sample, generator=generator, eta=eta).prev_sample
 
         images = grid_to_uint8(sample).to(torch.float32) / 255.0
@@ -278,8 +279,7 @@ class DiffEncPipeline(DiffusionPipeline):
         batches = _image_batches(images, batch_size, image_column, self.image_shape)
 
         device = self._execution_device
-        low_precision = self.unet.dtype in (torch.float16, torch.bfloat16)
-        autocast = torch.autocast(device.type, dtype=self.unet.dtype) if low_precision else contextlib.nullcontext()
+        autocast = self._network_autocast(device)
         networks = [module for module in (self.unet, self.encoder) if module is not None]
         was_training = [module.training for module in networks]
         terms: dict[str, list[torch.Tensor]] = {"bpd": [], "loss_recon": [], "loss_klz": [], "loss_diff": []}
@@ -302,6 +302,16 @@ class DiffEncPipeline(DiffusionPipeline):
         if not return_dict:
             return result.to_tuple()
         return result
+
+    def _network_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Autocast to the networks' float16/bfloat16 (a no-op for float32/float64 networks).
+
+        Inputs stay float32: the denoiser's Fourier features (frequencies up to 2^7 2 pi) and its `+ z` skip are
+        then computed in float32, which casting z_t to bfloat16 first would ruin.
+        """
+        if self.unet.dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast(device.type, dtype=self.unet.dtype)
+        return contextlib.nullcontext()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DiffEncPipeline:

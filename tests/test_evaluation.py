@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import configparser
-import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,19 +132,21 @@ def test_bad_arguments_fail_with_a_clear_message(tmp_path):
         evaluation.main(["--pipeline", str(tmp_path / "none"), "--dataset", "digits", "--output_json", "o.json"])
 
 
-def test_console_script_and_wrapper_run_main():
+def test_console_script_exits_zero(evaluated, tmp_path):
+    """The console command exits 0 after a successful run: it is run here as pip's console-script wrapper runs
+    it, `sys.exit(entry_point())`, with the entry point named in setup.cfg."""
     config = configparser.ConfigParser()
     config.read(REPO_ROOT / "setup.cfg")
     scripts = config["options.entry_points"]["console_scripts"].strip().splitlines()
-    assert "diffenc-evaluate = diffenc_diffusers.evaluation:main" in [line.strip() for line in scripts]
-    spec = importlib.util.spec_from_file_location("evaluate_diffenc", REPO_ROOT / "training" / "evaluate_diffenc.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main is evaluation.main
-
-
-def test_make_grid_layout():
-    images = np.arange(3 * 2 * 2 * 3, dtype=np.uint8).reshape(3, 2, 2, 3)
-    grid = evaluation.make_grid(images, min_cell=2)
-    assert grid.shape == (2 * 3 + 1, 2 * 3 + 1, 3)
-    assert np.array_equal(grid[1:3, 4:6], images[1]) and not grid[4:6, 4:6].any()
+    entry = dict(line.replace(" ", "").split("=") for line in scripts)["diffenc-evaluate"]
+    module, function = entry.split(":")
+    folder, _ = evaluated
+    args = ["--pipeline", str(folder / "pipe"), "--dataset", "digits", "--num_images", "4", "--t_grid_points", "2"]
+    args += ["--t_grid_num_images", "4", "--output_json", str(tmp_path / "cli.json")]
+    wrapper = f"import sys; from {module} import {function}; sys.argv[0] = 'diffenc-evaluate'; sys.exit({function}())"
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper, *args], env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "cli.json").read_text())["num_images"] == 4

@@ -231,6 +231,31 @@ def test_bfloat16_keeps_schedule_in_float64_and_samples_grid_values(tmp_path):
     assert loaded.scheduler.gamma(torch.tensor(0.5)).dtype == torch.float64
 
 
+def test_bfloat16_denoiser_gets_float32_latent_under_autocast():
+    """Sampling with bf16 networks: z_t reaches the denoiser in float32 under autocast, so its Fourier features
+    (frequencies up to 2^7 2 pi) and its `+ z` skip stay accurate; casting z_t to bf16 first would ruin them."""
+    pipe = make_pipeline("none")
+    calls = []
+    pipe.to(torch.bfloat16)
+    forward = pipe.unet.forward
+
+    def spy(sample, gamma, **kwargs):
+        calls.append((sample.dtype, torch.is_autocast_enabled("cpu")))
+        return forward(sample, gamma, **kwargs)
+
+    pipe.unet.forward = spy
+    sample(pipe, num_inference_steps=2)
+    assert calls == [(torch.float32, True)] * 2  # one call per step
+
+    z = torch.randn(2, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    gamma = torch.tensor([-8.0, 2.0])
+    exact = make_pipeline("none").unet(z, gamma).sample
+    with pipe._network_autocast(torch.device("cpu")):
+        low = forward(z, gamma).sample.float()
+    naive = forward(z.to(torch.bfloat16), gamma).sample.float()
+    assert (low - exact).abs().max() < 0.5 * (naive - exact).abs().max()
+
+
 def test_to_device_and_cpu_offload_needs_an_accelerator():
     pipe = make_pipeline("trainable")
     assert pipe.to("cpu") is pipe and pipe.device == torch.device("cpu")

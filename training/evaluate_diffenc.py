@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffenc_diffusers.evaluation import main
+from diffenc_diffusers.evaluation import cli
 
 if __name__ == "__main__":
-    main()
+    cli()
