@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -48,6 +49,26 @@ def expand_to(coefficient: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
     if coefficient.ndim == 0:
         return coefficient
     return coefficient.reshape(coefficient.shape + (1,) * (reference.ndim - coefficient.ndim))
+
+
+class _StepCoefficients(NamedTuple):
+    """The scalars of one reverse step from t to s < t, computed in float64 by :meth:`VDMScheduler.set_timesteps`.
+
+    Attributes:
+        t: the step's start time t_i.
+        alpha_t: alpha at t.
+        sigma_t: sigma at t.
+        x_hat_coefficient: alpha_s (1 - delta sigma_t^2) for DiffEnc, alpha_s for VDM (multiplies x_hat).
+        sigma_s: sigma at s.
+        c: -expm1(delta), with delta = gamma_s - gamma_t.
+    """
+
+    t: float
+    alpha_t: float
+    sigma_t: float
+    x_hat_coefficient: float
+    sigma_s: float
+    c: float
 
 
 @dataclass
@@ -126,6 +147,7 @@ class VDMScheduler(SchedulerMixin, ConfigMixin):
         self.time_grid: torch.Tensor | None = None
         self.timesteps: torch.Tensor | None = None
         self._step_index: int | None = None
+        self._step_coefficients: list[_StepCoefficients] = []
 
     @property
     def applies_diffenc_correction(self) -> bool:
@@ -172,6 +194,23 @@ class VDMScheduler(SchedulerMixin, ConfigMixin):
         self.time_grid = steps / num_inference_steps
         self.timesteps = self.time_grid[:-1].to(torch.float32)
         self._step_index = 0
+        self._step_coefficients = self._coefficients_of_grid(self.time_grid)
+
+    def _coefficients_of_grid(self, time_grid: torch.Tensor) -> list[_StepCoefficients]:
+        """Every step's scalars, computed at once in the grid's dtype and brought to the host once.
+
+        :meth:`step` then multiplies tensors by Python floats: no per-step schedule arithmetic on tiny tensors
+        and no per-step host-device synchronisation. The arithmetic is the per-step one, in float64 (float32 on
+        MPS), done once for the whole grid.
+        """
+        gamma = self.gamma(time_grid)
+        gamma_t, gamma_s = gamma[:-1], gamma[1:]
+        delta = gamma_s - gamma_t
+        alpha_t, sigma_t = alpha_sigma(gamma_t)
+        alpha_s, sigma_s = alpha_sigma(gamma_s)
+        x_hat_scale = 1.0 - delta * torch.sigmoid(gamma_t) if self.applies_diffenc_correction else 1.0
+        columns = torch.stack([time_grid[:-1], alpha_t, sigma_t, alpha_s * x_hat_scale, sigma_s, -torch.expm1(delta)])
+        return [_StepCoefficients(*row) for row in columns.T.tolist()]
 
     def predict_original_sample(
         self, model_output: torch.Tensor, sample: torch.Tensor, gamma: torch.Tensor
@@ -185,6 +224,16 @@ class VDMScheduler(SchedulerMixin, ConfigMixin):
         alpha, sigma = alpha_sigma(gamma.to(schedule_dtype(gamma.device)))
         alpha = expand_to(alpha, sample).to(sample.dtype)
         sigma = expand_to(sigma, sample).to(sample.dtype)
+        return self._x_hat(model_output, sample, alpha, sigma)
+
+    def _x_hat(
+        self,
+        model_output: torch.Tensor,
+        sample: torch.Tensor,
+        alpha: torch.Tensor | float,
+        sigma: torch.Tensor | float,
+    ) -> torch.Tensor:
+        """x_hat from the network output, with alpha_t and sigma_t given as tensors or Python floats."""
         if self.config.prediction_type == "v_prediction":
             return alpha * sample - sigma * model_output
         return (sample - sigma * model_output) / alpha
@@ -248,37 +297,17 @@ class VDMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"`model_output` shape {tuple(model_output.shape)} does not match `sample` shape {tuple(sample.shape)}."
             )
-        t = self.time_grid[self._step_index]
-        s = self.time_grid[self._step_index + 1]
-        given = float(torch.as_tensor(timestep).reshape(-1)[0])
-        if abs(given - float(t)) > 0.25 / self.num_inference_steps:
-            raise ValueError(
-                f"`timestep` {given} is not the scheduler's current time {float(t)} (step {self._step_index} of "
-                f"{self.num_inference_steps}); steps must be taken in the order of `timesteps`."
-            )
+        coefficients = self._step_coefficients[self._step_index]
+        self._check_timestep(timestep, coefficients.t)
 
-        gamma_t, gamma_s = self.gamma(t), self.gamma(s)
-        gamma_t = gamma_t.to(sample.device)
-        gamma_s = gamma_s.to(sample.device)
-        x_hat = self.predict_original_sample(model_output, sample, gamma_t)
-
-        delta = gamma_s - gamma_t
-        c = -torch.expm1(delta)
-        alpha_t, sigma_t = alpha_sigma(gamma_t)
-        alpha_s, sigma_s = alpha_sigma(gamma_s)
-        x_hat_scale = (
-            1.0 - delta * torch.sigmoid(gamma_t) if self.applies_diffenc_correction else torch.ones_like(delta)
-        )
-
-        dtype = sample.dtype
-        eps_hat = (sample - alpha_t.to(dtype) * x_hat) / sigma_t.to(dtype)
-        prev_sample = (alpha_s * x_hat_scale).to(dtype) * x_hat + (sigma_s * torch.sqrt(1.0 - eta**2 * c)).to(
-            dtype
-        ) * eps_hat
+        x_hat = self._x_hat(model_output, sample, coefficients.alpha_t, coefficients.sigma_t)
+        eps_hat = (sample - coefficients.alpha_t * x_hat) / coefficients.sigma_t
+        eps_hat_coefficient = coefficients.sigma_s * math.sqrt(1.0 - eta**2 * coefficients.c)
+        prev_sample = coefficients.x_hat_coefficient * x_hat + eps_hat_coefficient * eps_hat
         if eta > 0:
-            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=dtype)
-            noise_std = eta * sigma_s * torch.sqrt(self.config.variance_weight * c)
-            prev_sample = prev_sample + noise_std.to(dtype) * noise
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+            noise_std = eta * coefficients.sigma_s * math.sqrt(self.config.variance_weight * coefficients.c)
+            prev_sample = prev_sample + noise_std * noise
 
         self._step_index += 1
         if self._step_index == self.num_inference_steps:
@@ -287,6 +316,39 @@ class VDMScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return prev_sample, x_hat
         return VDMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x_hat)
+
+    def _check_timestep(self, timestep: torch.Tensor | float, expected: float) -> None:
+        """Raise unless ``timestep`` is the current time ``expected`` (within a quarter of a step).
+
+        An element of :attr:`timesteps` on an accelerator is checked by its position in that tensor: reading its
+        value would make every step wait for the device.
+        """
+        if isinstance(timestep, torch.Tensor):
+            if timestep.device.type != "cpu" and self._is_view_of_timesteps(timestep):
+                given_index = timestep.storage_offset() - self.timesteps.storage_offset()
+                if given_index == self._step_index:
+                    return
+                given = self._step_coefficients[given_index].t
+            else:
+                given = float(timestep.reshape(-1)[0])
+        else:
+            given = float(timestep)
+        if abs(given - expected) > 0.25 / self.num_inference_steps:
+            raise ValueError(
+                f"`timestep` {given} is not the scheduler's current time {expected} (step {self._step_index} of "
+                f"{self.num_inference_steps}); steps must be taken in the order of `timesteps`."
+            )
+
+    def _is_view_of_timesteps(self, timestep: torch.Tensor) -> bool:
+        """Whether ``timestep`` is one element of :attr:`timesteps` (as iterating over it yields)."""
+        timesteps = self.timesteps
+        return (
+            timestep.numel() == 1
+            and timestep.device == timesteps.device
+            and timestep.dtype == timesteps.dtype
+            and timestep.untyped_storage().data_ptr() == timesteps.untyped_storage().data_ptr()
+            and 0 <= timestep.storage_offset() - timesteps.storage_offset() < timesteps.numel()
+        )
 
     def decode(self, z_0: torch.Tensor) -> torch.Tensor:
         """The decoder's most likely grid value f_k at z_0 / alpha_0, same shape and dtype as ``z_0``.

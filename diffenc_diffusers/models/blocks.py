@@ -11,11 +11,296 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd.function import FunctionCtx
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 GROUP_NORM_EPS = 1e-6
 """GroupNorm epsilon used throughout (Flax's default, as in VDM and DiffEnc)."""
+
+
+def _centered_and_rstd(
+    hidden_states: torch.Tensor, num_groups: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x - mean`` of shape (batch, groups, n) and ``(var + eps)^(-1/2)`` of shape (batch, groups, 1), per group.
+
+    Written with sums scaled afterwards, not means, because reverse mode through a mean divides a full-size tensor.
+    """
+    grouped = hidden_states.reshape(hidden_states.shape[0], num_groups, -1)
+    inv_size = 1.0 / grouped.shape[-1]
+    centered = grouped - grouped.sum(-1, keepdim=True) * inv_size
+    return centered, torch.rsqrt(centered.square().sum(-1, keepdim=True) * inv_size + eps)
+
+
+def _normalization_jacobian_product(
+    centered: torch.Tensor, rstd: torch.Tensor, vector: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    r"""``scale * J v``, with J the Jacobian of the normalisation ``x -> (x - mean) * rstd`` of each group.
+
+    ``J v = rstd * (v - mean(v) - centered * rstd^2 * mean(centered * v))``; J is symmetric, so this is also the
+    vector-Jacobian product. It is evaluated as two fused multiply-adds with per-(sample, channel) coefficients.
+
+    Args:
+        centered: ``x - mean``, shape (batch, groups, n).
+        rstd: shape (batch, groups, 1).
+        vector: ``v``, the shape of ``x`` (batch, channels, ...).
+        scale: per-channel factor of shape (channels,) (the GroupNorm weight, or ones).
+    """
+    batch_size, channels = vector.shape[:2]
+    groups = centered.shape[1]
+    inv_size = 1.0 / centered.shape[-1]
+    grouped = vector.reshape(batch_size, groups, -1)
+    flat_shape = (batch_size, channels, -1)
+
+    def per_channel(per_group: torch.Tensor) -> torch.Tensor:
+        """(batch, groups, 1) coefficients times ``scale``, as (batch, channels, 1)."""
+        return (per_group * scale.view(1, groups, -1)).reshape(batch_size, channels, 1)
+
+    covariance = (centered * grouped).sum(-1, keepdim=True) * inv_size
+    mean_shift = -grouped.sum(-1, keepdim=True) * (inv_size * rstd)
+    product = torch.addcmul(per_channel(mean_shift), per_channel(rstd), vector.reshape(flat_shape))
+    product = torch.addcmul(product, per_channel(-covariance * rstd**3), centered.reshape(flat_shape))
+    return product.reshape(vector.shape)
+
+
+class _GroupNormFunction(torch.autograd.Function):
+    r"""
+    Group normalisation with a hand-written forward-mode derivative (used under `torch.func.jvp`).
+
+    Forward and backward are PyTorch's fused kernels (`native_group_norm` and `native_group_norm_backward`).
+    For an input tangent ``dx`` the tangent is ``weight * J dx`` (see `_normalization_jacobian_product`), plus
+    ``normalized * dweight + dbias`` for tangents of the affine parameters. PyTorch's built-in forward-mode
+    formula for group norm composes many more full-size operations, and training through the tangent runs
+    reverse mode through all of them. The tangent is built from differentiable operations on the saved input,
+    so reverse mode through it is exact. A backward that must itself be differentiable (``create_graph=True``)
+    uses the same formula, since the fused backward kernel has no derivative. Tangents that do not exist (the
+    affine parameters' under `torch.func.jvp` with respect to gamma) are not materialised as zeros, so they cost
+    nothing.
+    """
+
+    @staticmethod
+    def forward(
+        hidden_states: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch_size, channels = hidden_states.shape[:2]
+        return torch.native_group_norm(
+            hidden_states, weight, bias, batch_size, channels, math.prod(hidden_states.shape[2:]), num_groups, eps
+        )
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple) -> None:
+        hidden_states, num_groups, weight, _, eps = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(hidden_states, weight, mean, rstd)
+        ctx.save_for_forward(hidden_states, weight)
+        ctx.set_materialize_grads(False)
+        ctx.num_groups = num_groups
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(
+        ctx: FunctionCtx,
+        grad_output: torch.Tensor | None,
+        _grad_mean: torch.Tensor | None,
+        _grad_rstd: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, None, torch.Tensor | None, torch.Tensor | None, None]:
+        if grad_output is None:
+            return None, None, None, None, None
+        hidden_states, weight, mean, rstd = ctx.saved_tensors
+        batch_size, channels = hidden_states.shape[:2]
+        if torch.is_grad_enabled():
+            centered, group_rstd = _centered_and_rstd(hidden_states, ctx.num_groups, ctx.eps)
+            channel_shape = (1, channels) + (1,) * (hidden_states.ndim - 2)
+            grad_input = _normalization_jacobian_product(
+                centered, group_rstd, grad_output * weight.view(channel_shape), torch.ones_like(weight)
+            )
+            normalized = (centered * group_rstd).reshape(hidden_states.shape)
+            reduce_dims = [0, *range(2, hidden_states.ndim)]
+            return grad_input, None, (grad_output * normalized).sum(reduce_dims), grad_output.sum(reduce_dims), None
+        grad_input, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
+            grad_output.contiguous(),
+            hidden_states,
+            mean,
+            rstd,
+            weight,
+            batch_size,
+            channels,
+            math.prod(hidden_states.shape[2:]),
+            ctx.num_groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]],
+        )
+        return grad_input, None, grad_weight, grad_bias, None
+
+    @staticmethod
+    def jvp(
+        ctx: FunctionCtx,
+        hidden_states_tangent: torch.Tensor | None,
+        _num_groups_tangent: None,
+        weight_tangent: torch.Tensor | None,
+        bias_tangent: torch.Tensor | None,
+        _eps_tangent: None,
+    ) -> tuple[torch.Tensor, None, None]:
+        hidden_states, weight = ctx.saved_tensors
+        centered, rstd = _centered_and_rstd(hidden_states, ctx.num_groups, ctx.eps)
+        tangent = torch.zeros_like(hidden_states)
+        if hidden_states_tangent is not None:
+            tangent = _normalization_jacobian_product(centered, rstd, hidden_states_tangent, weight)
+        channel_shape = (-1,) + (1,) * (hidden_states.ndim - 2)
+        if weight_tangent is not None:
+            normalized = (centered * rstd).reshape(hidden_states.shape)
+            tangent = torch.addcmul(tangent, normalized, weight_tangent.view(channel_shape))
+        if bias_tangent is not None:
+            tangent = tangent + bias_tangent.view(channel_shape)
+        return tangent, None, None
+
+
+class _ConvolutionFunction(torch.autograd.Function):
+    r"""
+    ``aten.convolution`` (what `F.conv2d` and `F.conv_transpose2d` run) with a forward-mode derivative that uses
+    only the tangents that exist.
+
+    PyTorch's forward-mode formula for a convolution is ``conv(dx, w) + conv(x, dw) + db``, and an input without
+    a tangent gets a materialised tensor of zeros. Under `torch.func.jvp` with respect to gamma the weights never
+    have one, so every convolution cost a second full convolution with a zero kernel, and reverse mode through
+    the tangent differentiated that one too. Here the tangent is ``conv(dx, w)`` alone, plus the other terms
+    only for tangents that exist. Forward and backward are PyTorch's (``convolution_backward`` is differentiable,
+    so double backward works). Use it through `_forward_ad_convolution`, which applies autocast.
+    """
+
+    @staticmethod
+    def forward(
+        hidden_states: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: tuple[int, ...],
+        padding: tuple[int, ...],
+        dilation: tuple[int, ...],
+        transposed: bool,
+        output_padding: tuple[int, ...],
+        groups: int,
+    ) -> torch.Tensor:
+        return torch.ops.aten.convolution(
+            hidden_states, weight, bias, stride, padding, dilation, transposed, output_padding, groups
+        )
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+        hidden_states, weight, bias, *conv_args = inputs
+        ctx.save_for_backward(hidden_states, weight)
+        ctx.save_for_forward(hidden_states, weight)
+        ctx.set_materialize_grads(False)
+        ctx.conv_args = conv_args
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        ctx.output_shape = output.shape
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_output: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        if grad_output is None:
+            return (None,) * 9
+        hidden_states, weight = ctx.saved_tensors
+        output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        grads = torch.ops.aten.convolution_backward(
+            grad_output, hidden_states, weight, ctx.bias_sizes, *ctx.conv_args, output_mask
+        )
+        return (*grads, *(None,) * 6)
+
+    @staticmethod
+    def jvp(
+        ctx: FunctionCtx,
+        hidden_states_tangent: torch.Tensor | None,
+        weight_tangent: torch.Tensor | None,
+        bias_tangent: torch.Tensor | None,
+        *_conv_args_tangents: None,
+    ) -> torch.Tensor:
+        hidden_states, weight = ctx.saved_tensors
+        tangent = None
+        if hidden_states_tangent is not None:
+            tangent = torch.ops.aten.convolution(hidden_states_tangent, weight, None, *ctx.conv_args)
+        if weight_tangent is not None:
+            term = torch.ops.aten.convolution(hidden_states, weight_tangent, None, *ctx.conv_args)
+            tangent = term if tangent is None else tangent + term
+        if bias_tangent is not None:
+            term = bias_tangent.view((-1,) + (1,) * (hidden_states.ndim - 2))
+            tangent = term.expand(ctx.output_shape) if tangent is None else tangent + term
+        return tangent
+
+
+def _forward_ad_convolution(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_args: tuple,
+) -> torch.Tensor:
+    """`_ConvolutionFunction` with autocast's cast for convolutions applied first.
+
+    ``aten.convolution`` is not on CPU autocast's list (``F.conv2d`` is), so the operands are cast to the autocast
+    dtype here, as autocast would (float64 is left alone), with the casts recorded for autograd.
+    """
+    device_type = hidden_states.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden_states, weight, bias = (
+            tensor.to(dtype) if tensor is not None and tensor.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            else tensor
+            for tensor in (hidden_states, weight, bias)
+        )
+    return _ConvolutionFunction.apply(hidden_states, weight, bias, *conv_args)
+
+
+def _check_zero_padding(conv: nn.modules.conv._ConvNd) -> None:
+    """Raise unless ``conv`` pads with zeros by explicit amounts (what `_ConvolutionFunction` implements)."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError(
+            f"{type(conv).__name__} supports padding_mode='zeros' with integer padding only; got "
+            f"padding_mode={conv.padding_mode!r}, padding={conv.padding!r}."
+        )
+
+
+class ForwardADConv2d(nn.Conv2d):
+    r"""
+    `nn.Conv2d` (zero padding) whose forward-mode derivative skips the parameters' absent tangents (see
+    `_ConvolutionFunction`): under `torch.func.jvp` with respect to an input it costs one convolution, not two.
+    Same arguments, parameters, state dict and values as `nn.Conv2d`.
+    """
+
+    def __init__(self, *args: object, **kwargs: object):
+        super().__init__(*args, **kwargs)
+        _check_zero_padding(self)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        r"""
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`).
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, out_channels, height_out, width_out)`.
+        """
+        conv_args = (self.stride, self.padding, self.dilation, False, (0, 0), self.groups)
+        return _forward_ad_convolution(hidden_states, self.weight, self.bias, conv_args)
+
+
+class ForwardADConvTranspose2d(nn.ConvTranspose2d):
+    r"""
+    `nn.ConvTranspose2d` (zero padding, no `output_size` argument) whose forward-mode derivative skips the
+    parameters' absent tangents, as [`ForwardADConv2d`]. Same arguments, parameters, state dict and values as
+    `nn.ConvTranspose2d`.
+    """
+
+    def __init__(self, *args: object, **kwargs: object):
+        super().__init__(*args, **kwargs)
+        _check_zero_padding(self)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        r"""
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`).
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, out_channels, height_out, width_out)`.
+        """
+        conv_args = (self.stride, self.padding, self.dilation, True, self.output_padding, self.groups)
+        return _forward_ad_convolution(hidden_states, self.weight, self.bias, conv_args)
 
 
 class UpcastGroupNorm(nn.GroupNorm):
@@ -31,10 +316,18 @@ class UpcastGroupNorm(nn.GroupNorm):
         num_groups (`int`): Groups; must divide `num_channels`.
         num_channels (`int`): Channels of the input.
         eps (`float`, defaults to 1e-6): Added to the variance.
+        forward_ad_compatible (`bool`, defaults to `False`): Optimise for evaluation under forward-mode AD
+            (`torch.func.jvp`): the tangent comes from a hand-written formula (see `_GroupNormFunction`) that
+            is much cheaper than PyTorch's built-in one once reverse mode runs through it. The values and all
+            derivatives are those of `F.group_norm`. `torch.compile` cannot trace a custom forward-mode formula
+            and leaves such a GroupNorm to eager mode (a graph break).
     """
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = GROUP_NORM_EPS):
+    def __init__(
+        self, num_groups: int, num_channels: int, eps: float = GROUP_NORM_EPS, forward_ad_compatible: bool = False
+    ):
         super().__init__(num_groups, num_channels, eps=eps)
+        self.forward_ad_compatible = forward_ad_compatible
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         r"""
@@ -45,9 +338,8 @@ class UpcastGroupNorm(nn.GroupNorm):
             `torch.Tensor`: Same shape and dtype as `hidden_states`.
         """
         dtype = torch.promote_types(hidden_states.dtype, torch.float32)
-        normalized = F.group_norm(
-            hidden_states.to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps
-        )
+        args = (hidden_states.to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps)
+        normalized = _GroupNormFunction.apply(*args)[0] if self.forward_ad_compatible else F.group_norm(*args)
         return normalized.to(hidden_states.dtype)
 
 
@@ -127,6 +419,9 @@ class ResnetBlock(nn.Module):
         temb_channels (`int`): Width of the gamma embedding.
         dropout (`float`, defaults to 0.0): Dropout probability before the second convolution.
         norm_num_groups (`int`, defaults to 32): Groups of both GroupNorms (must divide both channel counts).
+        forward_ad_compatible (`bool`, defaults to `False`): Build the GroupNorms and convolutions for fast
+            evaluation under forward-mode AD (see [`UpcastGroupNorm`] and [`ForwardADConv2d`]); the block
+            computes the same function either way.
     """
 
     def __init__(
@@ -136,17 +431,17 @@ class ResnetBlock(nn.Module):
         temb_channels: int,
         dropout: float = 0.0,
         norm_num_groups: int = 32,
+        forward_ad_compatible: bool = False,
     ):
         super().__init__()
-        self.norm1 = UpcastGroupNorm(norm_num_groups, in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm1 = UpcastGroupNorm(norm_num_groups, in_channels, forward_ad_compatible=forward_ad_compatible)
+        conv = ForwardADConv2d if forward_ad_compatible else nn.Conv2d
+        self.conv1 = conv(in_channels, out_channels, kernel_size=3, padding=1)
         self.cond_proj = nn.Linear(temb_channels, out_channels, bias=False)
-        self.norm2 = UpcastGroupNorm(norm_num_groups, out_channels)
+        self.norm2 = UpcastGroupNorm(norm_num_groups, out_channels, forward_ad_compatible=forward_ad_compatible)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        self.conv_shortcut = (
-            nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
-        )
+        self.conv2 = conv(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv_shortcut = conv(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
         nn.init.zeros_(self.cond_proj.weight)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
@@ -181,7 +476,8 @@ class AttentionBlock(nn.Module):
         forward_ad_compatible (`bool`, defaults to `False`): Restrict `F.scaled_dot_product_attention` to
             its math backend. The fused backends (flash attention on CPU and CUDA, memory-efficient
             attention) have no forward-mode derivative, so a block evaluated under `torch.func.jvp` needs
-            this.
+            this. Also builds the GroupNorm for fast evaluation under forward-mode AD (see
+            [`UpcastGroupNorm`]).
     """
 
     def __init__(
@@ -196,7 +492,7 @@ class AttentionBlock(nn.Module):
             raise ValueError(f"`num_heads` must divide `channels` ({channels}); got {num_heads}.")
         self.num_heads = num_heads
         self.forward_ad_compatible = forward_ad_compatible
-        self.norm = UpcastGroupNorm(norm_num_groups, channels)
+        self.norm = UpcastGroupNorm(norm_num_groups, channels, forward_ad_compatible=forward_ad_compatible)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)

@@ -11,6 +11,8 @@ from torch.nn import functional as F
 
 from .blocks import (
     AttentionBlock,
+    ForwardADConv2d,
+    ForwardADConvTranspose2d,
     ResnetBlock,
     UpcastGroupNorm,
     check_dropout,
@@ -69,6 +71,7 @@ class EncoderDownBlock(nn.Module):
                     temb_channels,
                     dropout,
                     norm_num_groups,
+                    forward_ad_compatible=True,
                 )
                 for index in range(num_layers)
             ]
@@ -113,7 +116,7 @@ class EncoderUpBlock(nn.Module):
         norm_num_groups: int,
     ):
         super().__init__()
-        self.upsample = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.upsample = ForwardADConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
         self.resnets = nn.ModuleList(
             [
                 ResnetBlock(
@@ -122,6 +125,7 @@ class EncoderUpBlock(nn.Module):
                     temb_channels,
                     dropout,
                     norm_num_groups,
+                    forward_ad_compatible=True,
                 )
                 for index in range(num_layers)
             ]
@@ -162,7 +166,8 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
     of ``1000 * (gamma - gamma_min) / (gamma_max - gamma_min)``, then an MLP to ``4 * block_out_channels[0]``.
     The network works under `torch.func.jvp` with respect to gamma (no in-place operations; the middle
     attention runs on the math backend of `F.scaled_dot_product_attention`, the only one with a forward-mode
-    derivative), which is how the objective obtains ``dy / dgamma``.
+    derivative), which is how the objective obtains ``dy / dgamma``. Its GroupNorms and convolutions carry
+    hand-written forward-mode derivatives that are much cheaper to train through than PyTorch's built-in ones.
 
     The defaults are the paper's DiffEnc-32-4 CIFAR-10 encoder (official config ``n_embd=64, n_layer=4``,
     ``unet_mult_res``, which for 32x32 inputs builds two levels of 64 and 128 channels with two ResNet
@@ -226,7 +231,7 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
 
         temb_channels = 4 * block_out_channels[0]
         self.time_embedding = GammaEmbedding(block_out_channels[0], gamma_min, gamma_max)
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
+        self.conv_in = ForwardADConv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
 
         level_inputs = [block_out_channels[0], *block_out_channels[:-1]]
         self.down_blocks = nn.ModuleList(
@@ -239,11 +244,15 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
         )
 
         mid_channels = block_out_channels[-1]
-        self.mid_block_1 = ResnetBlock(mid_channels, mid_channels, temb_channels, dropout, norm_num_groups)
+        self.mid_block_1 = ResnetBlock(
+            mid_channels, mid_channels, temb_channels, dropout, norm_num_groups, forward_ad_compatible=True
+        )
         self.mid_attention = AttentionBlock(
             mid_channels, num_heads=1, norm_num_groups=norm_num_groups, forward_ad_compatible=True
         )
-        self.mid_block_2 = ResnetBlock(mid_channels, mid_channels, temb_channels, dropout, norm_num_groups)
+        self.mid_block_2 = ResnetBlock(
+            mid_channels, mid_channels, temb_channels, dropout, norm_num_groups, forward_ad_compatible=True
+        )
 
         up_inputs = [*block_out_channels[1:], mid_channels]
         self.up_blocks = nn.ModuleList(
@@ -255,8 +264,8 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
             ]
         )
 
-        self.norm_out = UpcastGroupNorm(norm_num_groups, block_out_channels[0])
-        self.conv_out = nn.Conv2d(block_out_channels[0], in_channels, kernel_size=3, padding=1)
+        self.norm_out = UpcastGroupNorm(norm_num_groups, block_out_channels[0], forward_ad_compatible=True)
+        self.conv_out = ForwardADConv2d(block_out_channels[0], in_channels, kernel_size=3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 

@@ -1,0 +1,154 @@
+"""The GroupNorm and convolutions with hand-written forward-mode derivatives compute PyTorch's and all derivatives."""
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import nn
+
+from diffenc_diffusers.models.blocks import ForwardADConv2d, ForwardADConvTranspose2d, UpcastGroupNorm
+
+CASES = [((3, 8, 5, 4), 4), ((2, 6, 7), 3), ((2, 4, 3, 3), 1)]
+
+
+def norm_and_inputs(shape: tuple[int, ...], groups: int) -> tuple[UpcastGroupNorm, dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(size, generator=generator, dtype=torch.float64)
+
+    norm = UpcastGroupNorm(groups, shape[1], forward_ad_compatible=True).double()
+    tensors = {
+        "x": 3 * randn(*shape) + 2,
+        "weight": randn(shape[1]),
+        "bias": randn(shape[1]),
+        "dx": randn(*shape),
+        "dweight": randn(shape[1]),
+        "dbias": randn(shape[1]),
+        "probe": randn(*shape),
+    }
+    return norm, {name: value.requires_grad_() for name, value in tensors.items()}
+
+
+def reference(norm: UpcastGroupNorm, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return F.group_norm(x, norm.num_groups, weight, bias, norm.eps)
+
+
+def custom(norm: UpcastGroupNorm, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.func.functional_call(norm, {"weight": weight, "bias": bias}, (x,))
+
+
+@pytest.mark.parametrize(("shape", "groups"), CASES)
+@pytest.mark.parametrize("tangent_of", ["x", "all"])
+def test_jvp_and_reverse_mode_through_it_match_group_norm(shape, groups, tangent_of):
+    norm, v = norm_and_inputs(shape, groups)
+    primals = (v["x"], v["weight"], v["bias"])
+    zero = torch.zeros_like
+    tangents = (
+        (v["dx"], v["dweight"], v["dbias"]) if tangent_of == "all" else (v["dx"], zero(v["weight"]), zero(v["bias"]))
+    )
+    results = []
+    for function in (reference, custom):
+        y, dy = torch.func.jvp(lambda x, w, b, f=function: f(norm, x, w, b), primals, tangents)
+        loss = (y * v["probe"]).sum() + (dy.square() * v["probe"]).sum()
+        inputs = [*primals, *(t for t in tangents if t.requires_grad)]
+        results.append((y, dy, *torch.autograd.grad(loss, inputs)))
+    for expected, actual in zip(*results, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_tangent_of_affine_parameters_only():
+    """Forward AD with only weight and bias dual (no tangent for the input)."""
+    norm, v = norm_and_inputs((2, 4, 3, 3), 2)
+    tangents = []
+    with fwAD.dual_level():
+        weight = fwAD.make_dual(v["weight"].detach(), v["dweight"].detach())
+        bias = fwAD.make_dual(v["bias"].detach(), v["dbias"].detach())
+        for function in (reference, custom):
+            tangents.append(fwAD.unpack_dual(function(norm, v["x"].detach(), weight, bias)).tangent)
+    torch.testing.assert_close(tangents[1], tangents[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("shape", "groups"), CASES)
+def test_backward_and_double_backward_match_group_norm(shape, groups):
+    norm, v = norm_and_inputs(shape, groups)
+    primals = (v["x"], v["weight"], v["bias"])
+    results = []
+    for function in (reference, custom):
+        y = function(norm, *primals)
+        grads = torch.autograd.grad((y.square() * v["probe"]).sum(), primals, create_graph=True)
+        second = torch.autograd.grad(sum((g * g).sum() for g in grads), primals)
+        results.append((y, *grads, *second))
+    for expected, actual in zip(*results, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_low_precision_input_gives_primal_and_tangent_in_its_dtype():
+    norm = UpcastGroupNorm(2, 4, forward_ad_compatible=True)
+    x = torch.randn(2, 4, 3, 3).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, dy = torch.func.jvp(norm, (x,), (torch.ones_like(x),))
+    assert y.dtype == dy.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), F.group_norm(x.float(), 2, eps=norm.eps), rtol=2e-2, atol=2e-2)
+
+
+CONV_CASES = [
+    (ForwardADConv2d, nn.Conv2d, {"kernel_size": 3, "padding": 1}),
+    (ForwardADConv2d, nn.Conv2d, {"kernel_size": 1}),
+    (ForwardADConvTranspose2d, nn.ConvTranspose2d, {"kernel_size": 2, "stride": 2}),
+]
+
+
+@pytest.mark.parametrize(("fast_class", "reference_class", "kwargs"), CONV_CASES)
+@pytest.mark.parametrize("tangent_of", ["input", "weight", "bias", "all"])
+def test_convolution_jvp_backward_and_double_backward_match_torch(fast_class, reference_class, kwargs, tangent_of):
+    torch.manual_seed(0)
+    reference_conv = reference_class(4, 6, **kwargs).double()
+    fast = fast_class(4, 6, **kwargs).double()
+    fast.load_state_dict(reference_conv.state_dict())
+    generator = torch.Generator().manual_seed(1)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, dtype=torch.float64).requires_grad_()
+
+    x, weight, bias = randn(2, 4, 5, 5), randn(*fast.weight.shape), randn(6)
+    tangents = {"input": randn(2, 4, 5, 5), "weight": randn(*fast.weight.shape), "bias": randn(6)}
+    results = []
+    for conv in (reference_conv, fast):
+        with fwAD.dual_level():
+            duals = {
+                name: fwAD.make_dual(value, tangents[name]) if tangent_of in (name, "all") else value
+                for name, value in (("input", x), ("weight", weight), ("bias", bias))
+            }
+            out = torch.func.functional_call(
+                conv, {"weight": duals["weight"], "bias": duals["bias"]}, (duals["input"],)
+            )
+            y, dy = fwAD.unpack_dual(out)
+        probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        loss = (y * probe).sum() + (dy.square() * probe).sum()
+        grads = torch.autograd.grad(loss, (x, weight, bias, *tangents.values()), allow_unused=True, create_graph=True)
+        second = torch.autograd.grad(sum((g * g).sum() for g in grads if g is not None), (x, weight), allow_unused=True)
+        results.append((y, dy, *grads, *second))
+    for expected, actual in zip(*results, strict=True):
+        if expected is None:
+            assert actual is None or not actual.any()
+        else:
+            torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("fast_class", "reference_class", "kwargs"), CONV_CASES)
+def test_convolution_follows_autocast(fast_class, reference_class, kwargs):
+    torch.manual_seed(0)
+    reference_conv = reference_class(4, 6, **kwargs)
+    fast = fast_class(4, 6, **kwargs)
+    fast.load_state_dict(reference_conv.state_dict())
+    x = torch.randn(2, 4, 6, 6)
+    outputs = []
+    for conv in (reference_conv, fast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, dy = torch.func.jvp(conv, (x,), (torch.ones_like(x),))
+        y.float().square().sum().backward()
+        outputs.append((y, dy, conv.weight.grad))
+    for expected, actual in zip(*outputs, strict=True):
+        assert actual.dtype == expected.dtype
+        torch.testing.assert_close(actual, expected)
