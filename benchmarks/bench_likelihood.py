@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
 from common import (
@@ -25,6 +26,7 @@ from common import (
     build_encoder,
     build_unet,
     environment,
+    paired_ratio,
     print_table,
     random_images,
     setup,
@@ -83,13 +85,13 @@ def main() -> None:
         kind, dtype_name = name.split("/")
         seconds = timing.median(args.clock)
         vdm = timings.get(f"none/{dtype_name}")
-        over_vdm = seconds / vdm.median(args.clock) if vdm is not None else None
+        over_vdm = paired_ratio(timing, vdm, args.clock) if vdm is not None else None
         records.append(
             {
                 "kind": kind,
                 "dtype": dtype_name,
                 "images_per_second": num_images / seconds,
-                "over_vdm": over_vdm,
+                "over_vdm": None if over_vdm is None else asdict(over_vdm),
                 **timing.summary(),
             }
         )
@@ -99,7 +101,7 @@ def main() -> None:
                 dtype_name,
                 f"{num_images / seconds:.1f}",
                 f"{1e3 * seconds / num_images:.1f}",
-                "-" if over_vdm is None else f"{over_vdm:.2f}",
+                "-" if over_vdm is None else str(over_vdm),
             ]
         )
     diffusion = "continuous time" if args.num_timesteps is None else f"T = {args.num_timesteps}"

@@ -1,10 +1,11 @@
 """What the three benchmark scripts share: model presets, command-line options, timing, peak memory, output.
 
-Timing runs the measured functions round-robin (one call of each per round, after warm-up), so that load from
-other processes on a shared machine falls on all of them alike, and reports medians. On CPU it records both the
-wall-clock time and the process's CPU time; with ``--threads 1`` the CPU time is the compute time of the step,
-which other jobs on the same cores disturb much less than the wall clock, so ``--clock cpu`` gives the steadier
-ratios there.
+Timing runs the measured functions round-robin (one call of each per round, after warm-up, in reverse order every
+other round), so that load from other processes on a shared machine falls on all of them alike, and reports
+medians; a ratio of two functions is the median of their per-round ratios, given with its interquartile range. On
+CPU it records both the wall-clock time and the process's CPU time; with ``--threads 1`` the CPU time is the compute
+time of the step, which other jobs on the same cores disturb less than the wall clock, so ``--clock cpu`` gives the
+steadier ratios there.
 
 Peak memory is the high-water mark of live tensor memory during one call, above what was live before it: from
 ``torch.cuda.max_memory_allocated`` on CUDA and from the allocation events of torch.profiler's memory profile on
@@ -182,11 +183,15 @@ class Timing:
 
     def median(self, clock: str = "wall") -> float:
         """Median of the ``clock`` ("wall" or "cpu") times."""
-        return statistics.median(self.wall if clock == "wall" else self.cpu)
+        return statistics.median(self.times(clock))
 
     def minimum(self, clock: str = "wall") -> float:
         """Smallest of the ``clock`` times."""
-        return min(self.wall if clock == "wall" else self.cpu)
+        return min(self.times(clock))
+
+    def times(self, clock: str = "wall") -> list[float]:
+        """The ``clock`` ("wall" or "cpu") times, one per round."""
+        return self.wall if clock == "wall" else self.cpu
 
     def summary(self) -> dict[str, float]:
         """Medians and minima, in milliseconds, for the JSON output."""
@@ -201,10 +206,14 @@ class Timing:
 def time_interleaved(
     functions: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
 ) -> dict[str, Timing]:
-    """Time each function ``repeats`` times, one call of each per round, after ``warmup`` untimed rounds."""
+    """Time each function ``repeats`` times, one call of each per round, after ``warmup`` untimed rounds.
+
+    Odd rounds call the functions in reverse order, so that none is always first or last in a round.
+    """
     timings = {name: Timing() for name in functions}
     for round_index in range(warmup + repeats):
-        for name, function in functions.items():
+        order = list(functions.items())
+        for name, function in order if round_index % 2 == 0 else reversed(order):
             synchronize(device)
             wall, cpu = time.perf_counter(), time.process_time()
             function()
@@ -213,6 +222,31 @@ def time_interleaved(
                 timings[name].wall.append(time.perf_counter() - wall)
                 timings[name].cpu.append(time.process_time() - cpu)
     return timings
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """Ratio of two functions' times: the median and quartiles of their per-round ratios."""
+
+    median: float
+    lower_quartile: float
+    upper_quartile: float
+
+    def __str__(self) -> str:
+        return f"{self.median:.3f} (IQR {self.lower_quartile:.3f}-{self.upper_quartile:.3f})"
+
+
+def paired_ratio(numerator: Timing, denominator: Timing, clock: str) -> Ratio:
+    """numerator / denominator over the rounds of `time_interleaved` (each pair timed in the same round).
+
+    Pairing cancels the slow changes of a shared machine's load that a ratio of two medians keeps; the quartiles
+    show how much the ratio moved from round to round.
+    """
+    ratios = [top / bottom for top, bottom in zip(numerator.times(clock), denominator.times(clock), strict=True)]
+    if len(ratios) == 1:
+        return Ratio(ratios[0], ratios[0], ratios[0])
+    lower, _, upper = statistics.quantiles(ratios, n=4, method="inclusive")
+    return Ratio(statistics.median(ratios), lower, upper)
 
 
 def peak_memory_bytes(function: Callable[[], object], device: torch.device) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import FunctionCtx
 
 NUM_GRID_VALUES = 256
 """Number of values an 8-bit channel can take."""
@@ -79,7 +80,20 @@ def validate_images(images: torch.Tensor, name: str = "images") -> torch.Tensor:
     return images.to(torch.float32)
 
 
-def decoder_log_probs(z0_rescaled: torch.Tensor, gamma_0: torch.Tensor) -> torch.Tensor:
+def _decoder_distances_and_logits(
+    z0_rescaled: torch.Tensor, gamma_0: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``z0r - f_k`` and the decoder's logits ``-0.5 (z0r - f_k)^2 exp(-gamma_0)``, shape (..., 256), in at least
+    float32. (Two full-size operations for the logits: each (..., 256) temporary costs more to allocate on CPU
+    than to compute.)"""
+    dtype = torch.promote_types(z0_rescaled.dtype, torch.float32)
+    z = z0_rescaled.to(dtype).unsqueeze(-1)
+    neg_half_inv_var = -0.5 * torch.exp(-torch.as_tensor(gamma_0, device=z.device).to(dtype)).unsqueeze(-1)
+    distances = z - grid_values(z.device, dtype)
+    return distances, distances.square() * neg_half_inv_var
+
+
+def decoder_log_probs(z0_rescaled: torch.Tensor, gamma_0: torch.Tensor | float) -> torch.Tensor:
     """Log-probabilities of the 256 grid values under the decoder p(x | z_0), in nats.
 
     Args:
@@ -88,26 +102,102 @@ def decoder_log_probs(z0_rescaled: torch.Tensor, gamma_0: torch.Tensor) -> torch
 
     Returns:
         Tensor of shape (..., 256); ``logsumexp`` over the last axis is 0. The logits
-        -0.5 ((z0r - f_k) exp(-gamma_0 / 2))^2 have scale ~e^13, so they are normalised with ``log_softmax``.
+        -0.5 (z0r - f_k)^2 exp(-gamma_0) have scale ~e^13, so they are normalised with ``log_softmax``.
     """
-    dtype = torch.promote_types(z0_rescaled.dtype, torch.float32)
-    z = z0_rescaled.to(dtype).unsqueeze(-1)
-    inv_std = torch.exp(-0.5 * torch.as_tensor(gamma_0, device=z.device).to(dtype)).unsqueeze(-1)
-    logits = -0.5 * ((z - grid_values(z.device, dtype)) * inv_std) ** 2
-    return torch.log_softmax(logits, dim=-1)
+    return torch.log_softmax(_decoder_distances_and_logits(z0_rescaled, gamma_0)[1], dim=-1)
 
 
-def decoder_nll(images_grid: torch.Tensor, z0_rescaled: torch.Tensor, gamma_0: torch.Tensor) -> torch.Tensor:
-    """-log p(x | z_0) per element, in nats, shape of ``images_grid``.
+def _decoder_nll_and_gradient_factors(
+    z0_rescaled: torch.Tensor, gamma_0: torch.Tensor, index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""-log p(x | z_0) per element and the two factors of its gradient, all of the shape of ``z0_rescaled``.
+
+    With d_k = z0r - f_k, logits l_k = -0.5 d_k^2 e^{-gamma_0} and p = softmax(l), the NLL is -l_x + logsumexp(l), so
+
+        d NLL / d z0r     = e^{-gamma_0} (d_x - E_p[d])
+        d NLL / d gamma_0 = l_x - E_p[l]
+
+    Both expectations are sums of p_k times the distance or logit itself, never differences of O(1) means, so they
+    keep float32 precision where z0r sits next to the true value (the gradient is then ~e^{13} times small). p
+    comes from ``softmax``, not from exponentiating the log-probabilities, most of which underflow (a slow path of
+    ``exp`` on CPU). Not differentiable: the (..., 256) temporaries are reused in place.
+    """
+    distances, logits = _decoder_distances_and_logits(z0_rescaled, gamma_0)
+    index = index.unsqueeze(-1)
+    nll = -torch.gather(torch.log_softmax(logits, dim=-1), -1, index).squeeze(-1)
+    probs = torch.softmax(logits, dim=-1)
+    distance_gap = torch.gather(distances, -1, index).squeeze(-1)
+    distance_gap -= distances.mul_(probs).sum(-1)
+    logit_gap = torch.gather(logits, -1, index).squeeze(-1)
+    logit_gap -= logits.mul_(probs).sum(-1)
+    return nll, distance_gap, logit_gap
+
+
+class _DecoderNLLFunction(torch.autograd.Function):
+    r"""
+    -log p(x | z_0) per element, differentiable in z0r and gamma_0, without keeping (..., 256) tensors for backward.
+
+    Autograd through ``log_softmax`` keeps several tensors 256 times the size of the batch until the backward pass
+    (25 MB each for a batch of eight 32x32x3 images) and differentiates each of them. The gradient has a closed
+    form (see `_decoder_nll_and_gradient_factors`), so the forward pass reduces it to two per-element factors and
+    the backward pass is two products. A backward pass that must itself be differentiable (``create_graph=True``)
+    differentiates :func:`decoder_log_probs` with autograd instead.
+    """
+
+    @staticmethod
+    def forward(
+        z0_rescaled: torch.Tensor, gamma_0: torch.Tensor, index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _decoder_nll_and_gradient_factors(z0_rescaled, gamma_0, index)
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple) -> None:
+        z0_rescaled, gamma_0, index = inputs
+        _, distance_gap, logit_gap = output
+        ctx.mark_non_differentiable(distance_gap, logit_gap)
+        ctx.save_for_backward(z0_rescaled, gamma_0, index, distance_gap, logit_gap)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(
+        ctx: FunctionCtx, grad_nll: torch.Tensor | None, _grad_distance_gap: None, _grad_logit_gap: None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        if grad_nll is None:
+            return None, None, None
+        z0_rescaled, gamma_0, index, distance_gap, logit_gap = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            inputs = (z0_rescaled, gamma_0)
+            needed = [tensor for tensor, needs in zip(inputs, ctx.needs_input_grad[:2], strict=True) if needs]
+            nll = -torch.gather(decoder_log_probs(z0_rescaled, gamma_0), -1, index.unsqueeze(-1)).squeeze(-1)
+            grads = iter(torch.autograd.grad(nll, needed, grad_nll, create_graph=True))
+            return (*(next(grads) if needs else None for needs in ctx.needs_input_grad[:2]), None)
+        grad_z = grad_gamma = None
+        if ctx.needs_input_grad[0]:
+            inv_var = torch.exp(-gamma_0.to(distance_gap.dtype))
+            grad_z = (grad_nll * inv_var * distance_gap).to(z0_rescaled.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_gamma = (grad_nll * logit_gap).sum_to_size(gamma_0.shape).to(gamma_0.dtype)
+        return grad_z, grad_gamma, None
+
+
+def decoder_nll(
+    images_grid: torch.Tensor, z0_rescaled: torch.Tensor, gamma_0: torch.Tensor | float
+) -> torch.Tensor:
+    """-log p(x | z_0) per element, in nats, shape of ``images_grid`` (float32, or float64 for float64 inputs).
+
+    Differentiable in ``z0_rescaled`` and ``gamma_0`` through a closed-form gradient (`_DecoderNLLFunction`).
 
     Args:
         images_grid: the true data as grid values f (see :func:`uint8_to_grid`).
         z0_rescaled: z_0 / alpha_0, same shape.
         gamma_0: gamma at t = 0, broadcastable.
     """
+    index = grid_to_index(images_grid)
+    gamma_0 = torch.as_tensor(gamma_0, device=z0_rescaled.device)
+    if torch.is_grad_enabled() and (z0_rescaled.requires_grad or gamma_0.requires_grad):
+        return _DecoderNLLFunction.apply(z0_rescaled, gamma_0, index)[0]
     log_probs = decoder_log_probs(z0_rescaled, gamma_0)
-    index = grid_to_index(images_grid).unsqueeze(-1)
-    return -torch.gather(log_probs, -1, index).squeeze(-1)
+    return -torch.gather(log_probs, -1, index.unsqueeze(-1)).squeeze(-1)
 
 
 def nats_to_bits_per_dim(nats: torch.Tensor, num_dims: int) -> torch.Tensor:

@@ -412,8 +412,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         holdout_fraction=args.holdout_fraction,
     )
     images = test.to_tensor()
-    if args.num_images is not None:
+    if args.num_images is not None and args.num_images < len(images):
         images = images[: args.num_images]
+        description = f"the first {len(images)} images of {description}"
 
     results = evaluate(
         pipe,

@@ -196,8 +196,8 @@ def make_model_card(
             f"# {repo_id.split('/')[-1]}",
             "",
             f"An unconditional image model: {_ENCODER_DESCRIPTIONS[scheduler.encoder_type]}, made with "
-            "[diffenc-diffusers](https://arxiv.org/abs/2310.19789) (DiffEnc: Variational Diffusion with a "
-            "Learned Encoder, Nielsen et al., ICLR 2024).",
+            "diffenc-diffusers, a diffusers implementation of [DiffEnc: Variational Diffusion with a Learned "
+            "Encoder](https://arxiv.org/abs/2310.19789) (Nielsen et al., ICLR 2024).",
             "",
             "## Model",
             "",

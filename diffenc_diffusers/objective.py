@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
+from torch.autograd import forward_ad
 
 from .discretization import decoder_nll, nats_to_bits_per_dim, validate_images
 from .scheduling_vdm import VDMScheduler, alpha_sigma, alpha_sigma_squared, expand_to, linear_gamma, schedule_dtype
@@ -149,8 +150,8 @@ class DiffEncObjective(nn.Module):
         trainable:     x_phi = alpha^2 x + sigma^2 y,   d x_phi / d gamma = sigma^2 alpha^2 (y - x) + sigma^2 dy/dgamma
                        with y = y_phi(x, gamma)
 
-        d y / d gamma comes with y from one forward-mode (jvp) evaluation of the encoder; gradients flow through
-        both into the encoder's parameters.
+        d y / d gamma comes with y from one evaluation of the encoder in forward-mode AD (`torch.autograd.forward_ad`,
+        tangent 1 on gamma); gradients flow through both into the encoder's parameters.
 
         Args:
             x: data as grid values in (-1, 1), shape (B, C, H, W).
@@ -165,8 +166,12 @@ class DiffEncObjective(nn.Module):
             return Encoding(alpha_sq * x, derivative, None)
         gamma_in = gamma.to(x.dtype)
         if with_derivative:
-            y, dy = torch.func.jvp(lambda g: self.encoder(x, g).sample, (gamma_in,), (torch.ones_like(gamma_in),))
-            y, dy = y.to(x.dtype), dy.to(x.dtype)
+            with forward_ad.dual_level():
+                dual_gamma = forward_ad.make_dual(gamma_in, torch.ones_like(gamma_in))
+                y, dy = forward_ad.unpack_dual(self.encoder(x, dual_gamma).sample)
+            y = y.to(x.dtype)
+            # An encoder whose output does not depend on gamma has no tangent: dy / dgamma = 0.
+            dy = torch.zeros_like(y) if dy is None else dy.to(x.dtype)
             derivative = sigma_sq * alpha_sq * (y - x) + sigma_sq * dy
         else:
             y = self.encoder(x, gamma_in).sample.to(x.dtype)

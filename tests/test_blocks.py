@@ -6,7 +6,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
-from diffenc_diffusers.models.blocks import ForwardADConv2d, ForwardADConvTranspose2d, UpcastGroupNorm
+from diffenc_diffusers.models.blocks import AttentionBlock, ForwardADConv2d, ForwardADConvTranspose2d, UpcastGroupNorm
 
 CASES = [((3, 8, 5, 4), 4), ((2, 6, 7), 3), ((2, 4, 3, 3), 1)]
 
@@ -152,3 +152,28 @@ def test_convolution_follows_autocast(fast_class, reference_class, kwargs):
     for expected, actual in zip(*outputs, strict=True):
         assert actual.dtype == expected.dtype
         torch.testing.assert_close(actual, expected)
+
+
+def test_attention_for_forward_ad_equals_fused_attention_and_trains_through_its_tangent():
+    torch.manual_seed(0)
+    fused = AttentionBlock(16, num_heads=2, norm_num_groups=4).double()
+    nn.init.normal_(fused.proj_out.weight)
+    plain = AttentionBlock(16, num_heads=2, norm_num_groups=4, forward_ad_compatible=True).double()
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 16, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(plain(x), fused(x), rtol=1e-12, atol=1e-12)
+
+    tangent = torch.randn_like(x)
+    with fwAD.dual_level():
+        _, out_tangent = fwAD.unpack_dual(plain(fwAD.make_dual(x, tangent)))
+    params = list(plain.parameters())  # proj_out's bias does not reach the tangent: its gradient is 0
+    grads = torch.autograd.grad(out_tangent.square().sum(), params, allow_unused=True, materialize_grads=True)
+    # Reference: the same Jacobian-vector product by reverse over reverse mode.
+    x_req = x.clone().requires_grad_()
+    out = plain(x_req)
+    probe = torch.zeros_like(out, requires_grad=True)
+    (vjp,) = torch.autograd.grad(out, x_req, probe, create_graph=True)
+    (jvp,) = torch.autograd.grad(vjp, probe, tangent, create_graph=True)
+    expected = torch.autograd.grad(jvp.square().sum(), params, allow_unused=True, materialize_grads=True)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)

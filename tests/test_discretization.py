@@ -58,6 +58,55 @@ def test_decoder_nll_is_minus_log_prob_of_true_value():
     assert (nll >= 0).all()
 
 
+def reference_nll(x: torch.Tensor, z: torch.Tensor, gamma_0: torch.Tensor) -> torch.Tensor:
+    """-log p(x | z_0) by autograd through log_softmax (what `decoder_nll` computes in closed form)."""
+    index = torch.floor((x + 1.0) * 128).long()
+    return -decoder_log_probs(z, gamma_0).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("gamma_shape", [(), (3, 1)])
+def test_decoder_nll_gradients_are_exact_to_second_order(gamma_shape):
+    torch.manual_seed(0)
+    x = uint8_to_grid(torch.randint(0, 256, (3, 5), dtype=torch.uint8), torch.float64)
+    z = (x + 0.02 * torch.randn(3, 5, dtype=torch.float64)).requires_grad_()
+    gamma_0 = torch.full(gamma_shape, -7.0, dtype=torch.float64).add(0.1 * torch.randn(gamma_shape)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda z, g: decoder_nll(x, z, g), (z, gamma_0))
+    assert torch.autograd.gradgradcheck(lambda z, g: decoder_nll(x, z, g), (z, gamma_0))
+    weights = torch.rand(3, 5, dtype=torch.float64)
+    ours = torch.autograd.grad((weights * decoder_nll(x, z, gamma_0)).sum(), (z, gamma_0))
+    expected = torch.autograd.grad((weights * reference_nll(x, z, gamma_0)).sum(), (z, gamma_0))
+    for a, b in zip(ours, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_decoder_nll_float32_gradient_near_the_true_value_at_gamma_min():
+    """At gamma_0 = -13.3 the gradient is e^13.3 times a small gap; float32 must keep it (checked against float64)."""
+    torch.manual_seed(1)
+    x = uint8_to_grid(torch.randint(0, 256, (4, 64), dtype=torch.uint8), torch.float64)
+    z32 = (x + math.exp(-13.3 / 2) * torch.randn(4, 64, dtype=torch.float64)).float().requires_grad_()
+    gamma_0 = torch.tensor(-13.3, dtype=torch.float64, requires_grad=True)
+    decoder_nll(x.float(), z32, gamma_0).sum().backward()
+    z64 = z32.detach().double().requires_grad_()  # the same point, exactly
+    exact_z, exact_gamma = torch.autograd.grad(reference_nll(x, z64, gamma_0).sum(), (z64, gamma_0))
+    assert (z32.grad.double() - exact_z).abs().max() < 1e-6 * exact_z.abs().max()
+    torch.testing.assert_close(gamma_0.grad, exact_gamma, rtol=1e-5, atol=0.0)
+    assert gamma_0.grad.dtype == torch.float64 and z32.grad.dtype == torch.float32
+
+
+def test_decoder_nll_keeps_nothing_256_times_the_batch_for_backward():
+    x = uint8_to_grid(torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8))
+    z = (x + 0.01 * torch.randn(2, 3, 8, 8)).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        nll = decoder_nll(x, z, torch.tensor(-10.0))
+    assert saved and max(saved) <= z.numel()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        reference_nll(x, z, torch.tensor(-10.0))
+    assert max(saved) == 256 * z.numel()  # what autograd through log_softmax keeps
+    nll.sum().backward()
+    assert torch.isfinite(z.grad).all()
+
+
 def test_bits_per_dim_conversion():
     torch.testing.assert_close(nats_to_bits_per_dim(torch.tensor(math.log(2.0) * 12), 3), torch.tensor(4.0))
 

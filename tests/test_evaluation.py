@@ -62,6 +62,7 @@ def test_json_has_every_field(evaluated):
         "continuous", "discrete", "sample_grid", "sampling", "encoder_figure", "seconds",
     } <= set(written)  # fmt: skip
     assert written["num_images"] == 24 and written["repeats"] == 2 and len(written["seeds"]) == 2
+    assert written["test_set"].startswith("the first 24 images of digits split 'test' (300 of 1797 images")
     assert set(written["discrete"]) == {"5", "50"}
     for result in [written["continuous"], *written["discrete"].values()]:
         assert set(result) >= RESULT_FIELDS

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -173,6 +174,28 @@ def test_encoder_gradient_flows_through_dy_dgamma(images):
     assert any(g.abs().max() > 0 for g in grads_jvp)
     for g_jvp, g_ref in zip(grads_jvp, grads_ref, strict=True):
         torch.testing.assert_close(g_jvp, g_ref, rtol=1e-7, atol=1e-10)
+
+
+def test_encoder_that_ignores_gamma_has_zero_derivative(images):
+    """A user's encoder need not depend on gamma; then d y / d gamma = 0 (forward-mode AD gives no tangent)."""
+
+    class GammaFree(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+
+        def forward(self, sample, gamma):
+            return SimpleNamespace(sample=torch.tanh(self.scale * sample))
+
+    objective = DiffEncObjective(make_unet(torch.float64), VDMScheduler(encoder_type="trainable"), GammaFree())
+    x = uint8_to_grid(images, torch.float64)
+    gamma = torch.tensor([-10.0, -2.0, 0.5, 4.0], dtype=torch.float64)
+    encoding = objective.encode(x, gamma, with_derivative=True)
+    alpha_sq, sigma_sq = (v[:, None, None, None] for v in (torch.sigmoid(-gamma), torch.sigmoid(gamma)))
+    y = torch.tanh(0.5 * x)
+    torch.testing.assert_close(encoding.dx_phi_dgamma, sigma_sq * alpha_sq * (y - x))
+    objective(images).loss.backward()
+    assert objective.encoder.scale.grad is not None
 
 
 def test_weighted_loss_matches_formula(images):

@@ -371,6 +371,39 @@ def test_existing_run_needs_resume_flag(preset, base_run):
         train_diffenc.main(["--preset", str(preset), "--output_dir", str(base_run)])
 
 
+def test_resume_refuses_another_seed_or_noise_process(preset, base_run, tmp_path):
+    resume = ["--output_dir", str(base_run), "--resume_from_checkpoint", "latest"]
+    with pytest.raises(ValueError, match=r"--seed is 1, the checkpoint's run used 0"):
+        train_diffenc.main(["--preset", str(preset), *resume, "--seed", "1"])
+    # Same networks and weights, another noise process: the schedule's upper end moved in a copy of the preset.
+    other = tmp_path / "preset"
+    DiffEncPipeline.from_preset(str(preset)).save_pretrained(other)
+    (other / "training_config.json").write_text((preset / "training_config.json").read_text())
+    scheduler_config = other / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler_config.read_text())
+    scheduler_config.write_text(json.dumps({**config, "gamma_max": 6.0}))
+    with pytest.raises(ValueError, match=r"scheduler's 'gamma_max' is 6.0, the checkpoint's 5.0"):
+        train_diffenc.prepare(train_diffenc.parse_args(["--preset", str(other), *resume]))
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(preset, tmp_path, monkeypatch, caplog, native_bf16):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native_bf16)
+    args = train_diffenc.parse_args(
+        ["--preset", str(preset), "--output_dir", str(tmp_path / "run"), "--mixed_precision", "bf16", "--cpu"]
+    )
+    from accelerate.state import AcceleratorState
+
+    # An Accelerator's settings are process-wide: start from none, and leave none behind.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        with caplog.at_level("WARNING"):
+            train_diffenc.Trainer(args, train_diffenc.prepare(args))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert ("oneDNN emulates bf16" in caplog.text) != native_bf16
+
+
 def test_objective_survives_accelerates_mixed_precision_wrapper(preset):
     """accelerate wraps a prepared module's forward in autocast and converts its outputs to float32; the
     objective's output (per-image bits/dim) must be rebuilt intact, stay float32 and carry gradients."""

@@ -759,7 +759,37 @@ def prepare(args: argparse.Namespace) -> Setup:
             f"--output_dir {str(args.output_dir)!r} already holds checkpoints of a run; pass "
             "--resume_from_checkpoint latest to continue it, or choose another --output_dir."
         )
+    if resume_dir is not None:
+        check_resumed_run(resume_dir, args, scheduler)
     return Setup(unet, scheduler, encoder, shape, train_set, test_set, test_description, resume_dir)
+
+
+def noise_process_config(scheduler: VDMScheduler) -> dict[str, Any]:
+    """The scheduler settings that define a run's objective (its config without diffusers' bookkeeping keys)."""
+    return {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
+
+
+def check_resumed_run(folder: Path, args: argparse.Namespace, scheduler: VDMScheduler) -> None:
+    """``ValueError`` unless the checkpoint's run had this run's ``--seed`` and noise process (scheduler config).
+
+    Either would change silently from the resumed step on: the seed keys every later draw and the data order,
+    and a preset with the same networks but another ``encoder_type`` or schedule loads the same weights into
+    another objective.
+    """
+    state = json.loads((folder / "training_state.json").read_text())
+    problems = []
+    if state["seed"] != args.seed:
+        problems.append(f"--seed is {args.seed}, the checkpoint's run used {state['seed']}")
+    saved, current = state["scheduler_config"], noise_process_config(scheduler)
+    for key in sorted(saved.keys() | current.keys()):
+        if saved.get(key) != current.get(key):
+            problems.append(f"the scheduler's {key!r} is {current.get(key)!r}, the checkpoint's {saved.get(key)!r}")
+    if problems:
+        raise ValueError(
+            f"--resume_from_checkpoint {str(folder)!r} belongs to another run: "
+            + "; ".join(problems)
+            + ". Resume with the same --preset and --seed, or start a new --output_dir."
+        )
 
 
 class Trainer:
@@ -784,6 +814,16 @@ class Trainer:
         )
         accelerator = self.accelerator
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        if (
+            args.mixed_precision == "bf16"
+            and accelerator.device.type == "cpu"
+            and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        ):
+            logger.warning(
+                "--mixed_precision bf16 on a CPU without native bf16 instructions (AVX512-BF16 or AMX): oneDNN "
+                "emulates bf16 there, and a training step is many times slower than in float32 (17x measured on "
+                "an AVX2-only CPU, benchmarks/README.md). Use --mixed_precision no on this machine."
+            )
         self.repo_id = None
         if accelerator.is_main_process:
             args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -839,6 +879,19 @@ class Trainer:
             )
 
         self.global_batch = args.train_batch_size * self.world
+        if setup.resume_dir is not None and (state["global_batch"], state["num_processes"]) != (
+            self.global_batch,
+            self.world,
+        ):
+            logger.warning(
+                "Resuming with %d processes x %d images per micro-step; the checkpoint's run used %d processes and "
+                "a global micro-batch of %d. Training continues from the same data position, but not as the "
+                "original run would have.",
+                self.world,
+                args.train_batch_size,
+                state["num_processes"],
+                state["global_batch"],
+            )
         sampler = StreamBatchSampler(
             len(setup.train_set), args.train_batch_size, self.world, self.rank, args.seed, self.images_seen
         )
@@ -923,6 +976,7 @@ class Trainer:
                 "global_batch": self.global_batch,
                 "num_processes": self.world,
                 "preset": str(args.preset),
+                "scheduler_config": noise_process_config(self.setup.scheduler),
             }
 
             def write_files(folder: Path) -> None:

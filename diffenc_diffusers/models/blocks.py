@@ -6,14 +6,12 @@ convolution through a bias-free, zero-initialised projection, and zero-initialis
 every block is the identity on its residual path at initialisation.
 """
 
-import contextlib
 import math
 
 import torch
 from torch import nn
 from torch.autograd.function import FunctionCtx
 from torch.nn import functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 GROUP_NORM_EPS = 1e-6
 """GroupNorm epsilon used throughout (Flax's default, as in VDM and DiffEnc)."""
@@ -65,7 +63,7 @@ def _normalization_jacobian_product(
 
 class _GroupNormFunction(torch.autograd.Function):
     r"""
-    Group normalisation with a hand-written forward-mode derivative (used under `torch.func.jvp`).
+    Group normalisation with a hand-written forward-mode derivative (used in forward-mode AD).
 
     Forward and backward are PyTorch's fused kernels (`native_group_norm` and `native_group_norm_backward`).
     For an input tangent ``dx`` the tangent is ``weight * J dx`` (see `_normalization_jacobian_product`), plus
@@ -74,7 +72,7 @@ class _GroupNormFunction(torch.autograd.Function):
     reverse mode through all of them. The tangent is built from differentiable operations on the saved input,
     so reverse mode through it is exact. A backward that must itself be differentiable (``create_graph=True``)
     uses the same formula, since the fused backward kernel has no derivative. Tangents that do not exist (the
-    affine parameters' under `torch.func.jvp` with respect to gamma) are not materialised as zeros, so they cost
+    affine parameters' in forward mode with respect to gamma) are not materialised as zeros, so they cost
     nothing.
     """
 
@@ -143,15 +141,17 @@ class _GroupNormFunction(torch.autograd.Function):
     ) -> tuple[torch.Tensor, None, None]:
         hidden_states, weight = ctx.saved_tensors
         centered, rstd = _centered_and_rstd(hidden_states, ctx.num_groups, ctx.eps)
-        tangent = torch.zeros_like(hidden_states)
+        tangent = None
         if hidden_states_tangent is not None:
             tangent = _normalization_jacobian_product(centered, rstd, hidden_states_tangent, weight)
         channel_shape = (-1,) + (1,) * (hidden_states.ndim - 2)
         if weight_tangent is not None:
             normalized = (centered * rstd).reshape(hidden_states.shape)
-            tangent = torch.addcmul(tangent, normalized, weight_tangent.view(channel_shape))
+            term = normalized * weight_tangent.view(channel_shape)
+            tangent = term if tangent is None else tangent + term
         if bias_tangent is not None:
-            tangent = tangent + bias_tangent.view(channel_shape)
+            term = bias_tangent.view(channel_shape)
+            tangent = term.expand(hidden_states.shape) if tangent is None else tangent + term
         return tangent, None, None
 
 
@@ -161,7 +161,7 @@ class _ConvolutionFunction(torch.autograd.Function):
     only the tangents that exist.
 
     PyTorch's forward-mode formula for a convolution is ``conv(dx, w) + conv(x, dw) + db``, and an input without
-    a tangent gets a materialised tensor of zeros. Under `torch.func.jvp` with respect to gamma the weights never
+    a tangent gets a materialised tensor of zeros. In forward mode with respect to gamma the weights never
     have one, so every convolution cost a second full convolution with a zero kernel, and reverse mode through
     the tangent differentiated that one too. Here the tangent is ``conv(dx, w)`` alone, plus the other terms
     only for tangents that exist. Forward and backward are PyTorch's (``convolution_backward`` is differentiable,
@@ -260,7 +260,7 @@ def _check_zero_padding(conv: nn.modules.conv._ConvNd) -> None:
 class ForwardADConv2d(nn.Conv2d):
     r"""
     `nn.Conv2d` (zero padding) whose forward-mode derivative skips the parameters' absent tangents (see
-    `_ConvolutionFunction`): under `torch.func.jvp` with respect to an input it costs one convolution, not two.
+    `_ConvolutionFunction`): in forward mode with respect to an input it costs one convolution, not two.
     Same arguments, parameters, state dict and values as `nn.Conv2d`.
     """
 
@@ -309,16 +309,17 @@ class UpcastGroupNorm(nn.GroupNorm):
 
     Besides the usual numerical reason for normalising in float32, this keeps forward-mode derivatives
     consistent under CPU autocast: `F.group_norm` on a bfloat16 input with float32 affine parameters
-    returns a bfloat16 primal but a float32 tangent, which the next autocast convolution rejects inside
-    `torch.func.jvp`.
+    returns a bfloat16 primal but a float32 tangent, which the next autocast convolution rejects in forward-mode
+    AD.
 
     Args:
         num_groups (`int`): Groups; must divide `num_channels`.
         num_channels (`int`): Channels of the input.
         eps (`float`, defaults to 1e-6): Added to the variance.
         forward_ad_compatible (`bool`, defaults to `False`): Optimise for evaluation under forward-mode AD
-            (`torch.func.jvp`): the tangent comes from a hand-written formula (see `_GroupNormFunction`) that
-            is much cheaper than PyTorch's built-in one once reverse mode runs through it. The values and all
+            (`torch.autograd.forward_ad` or `torch.func.jvp`): the tangent comes from a hand-written formula (see
+            `_GroupNormFunction`) that is much cheaper than PyTorch's built-in one once reverse mode runs through
+            it. The values and all
             derivatives are those of `F.group_norm`. `torch.compile` cannot trace a custom forward-mode formula
             and leaves such a GroupNorm to eager mode (a graph break).
     """
@@ -462,6 +463,24 @@ class ResnetBlock(nn.Module):
         return shortcut + h
 
 
+def _attention_for_forward_ad(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    r"""``softmax(q k^T / sqrt(d)) v``, written out so that forward-mode AD and reverse mode through its tangent work.
+
+    `F.scaled_dot_product_attention`'s fused kernels have no forward-mode derivative, and its math path, like
+    `torch.softmax`'s forward-mode formula, updates in place a tensor that reverse mode through the tangent needs
+    (checked with torch 2.13 under `torch.autograd.forward_ad`). The scores and the softmax are computed in float32
+    or wider (also under autocast).
+
+    Args:
+        query, key, value: shape `(batch_size, heads, tokens, head_dim)`.
+    """
+    scores = (query @ key.transpose(-2, -1)).to(torch.promote_types(query.dtype, torch.float32))
+    scores = scores * query.shape[-1] ** -0.5
+    weights = torch.exp(scores - scores.amax(-1, keepdim=True).detach())
+    weights = weights / weights.sum(-1, keepdim=True)
+    return weights.to(value.dtype) @ value
+
+
 class AttentionBlock(nn.Module):
     r"""
     VDM's residual self-attention over all spatial positions, via `F.scaled_dot_product_attention`.
@@ -473,11 +492,10 @@ class AttentionBlock(nn.Module):
         channels (`int`): Channels of input and output.
         num_heads (`int`, defaults to 1): Attention heads (VDM uses 1); must divide `channels`.
         norm_num_groups (`int`, defaults to 32): Groups of the GroupNorm (must divide `channels`).
-        forward_ad_compatible (`bool`, defaults to `False`): Restrict `F.scaled_dot_product_attention` to
-            its math backend. The fused backends (flash attention on CPU and CUDA, memory-efficient
-            attention) have no forward-mode derivative, so a block evaluated under `torch.func.jvp` needs
-            this. Also builds the GroupNorm for fast evaluation under forward-mode AD (see
-            [`UpcastGroupNorm`]).
+        forward_ad_compatible (`bool`, defaults to `False`): Compute the attention with plain operations
+            (`_attention_for_forward_ad`) instead of `F.scaled_dot_product_attention`, whose kernels do not
+            support forward-mode AD followed by reverse mode, and build the GroupNorm for fast evaluation under
+            forward-mode AD (see [`UpcastGroupNorm`]). Same values either way.
     """
 
     def __init__(
@@ -515,11 +533,10 @@ class AttentionBlock(nn.Module):
         def split_heads(x: torch.Tensor) -> torch.Tensor:
             return x.view(batch_size, height * width, self.num_heads, head_dim).transpose(1, 2)
 
-        backend = sdpa_kernel(SDPBackend.MATH) if self.forward_ad_compatible else contextlib.nullcontext()
-        with backend:
-            attended = F.scaled_dot_product_attention(
-                split_heads(self.to_q(tokens)), split_heads(self.to_k(tokens)), split_heads(self.to_v(tokens))
-            )
+        attention = _attention_for_forward_ad if self.forward_ad_compatible else F.scaled_dot_product_attention
+        attended = attention(
+            split_heads(self.to_q(tokens)), split_heads(self.to_k(tokens)), split_heads(self.to_v(tokens))
+        )
         attended = attended.transpose(1, 2).reshape(batch_size, height * width, channels)
         out = self.proj_out(attended).transpose(1, 2).reshape(batch_size, channels, height, width)
         return hidden_states + out

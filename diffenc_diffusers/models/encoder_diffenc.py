@@ -164,10 +164,11 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
 
     The gamma embedding is the same as the denoiser's: sinusoidal embedding of width ``block_out_channels[0]``
     of ``1000 * (gamma - gamma_min) / (gamma_max - gamma_min)``, then an MLP to ``4 * block_out_channels[0]``.
-    The network works under `torch.func.jvp` with respect to gamma (no in-place operations; the middle
-    attention runs on the math backend of `F.scaled_dot_product_attention`, the only one with a forward-mode
-    derivative), which is how the objective obtains ``dy / dgamma``. Its GroupNorms and convolutions carry
-    hand-written forward-mode derivatives that are much cheaper to train through than PyTorch's built-in ones.
+    The network works in forward-mode AD with respect to gamma (`torch.autograd.forward_ad`, or
+    `torch.func.jvp`), with reverse mode through the tangent afterwards, which is how the objective obtains
+    ``dy / dgamma`` and trains through it: it has no in-place operations, and the middle attention is written out
+    instead of calling `F.scaled_dot_product_attention`. Its GroupNorms and convolutions carry hand-written
+    forward-mode derivatives that are much cheaper to train through than PyTorch's built-in ones.
 
     The defaults are the paper's DiffEnc-32-4 CIFAR-10 encoder (official config ``n_embd=64, n_layer=4``,
     ``unet_mult_res``, which for 32x32 inputs builds two levels of 64 and 128 channels with two ResNet
