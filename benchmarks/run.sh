@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every benchmark of one machine class and keep the tables (.md) and numbers (.json) in one folder.
 #
-#   bash benchmarks/run.sh cpu   [OUT]   # this repository's CPU tables (about 30 min on 2 cores)
+#   bash benchmarks/run.sh cpu   [OUT]   # this repository's CPU tables (about 50 min on 2 cores)
 #   bash benchmarks/run.sh gpu   [OUT]   # the paper's CIFAR-10 sizes on one CUDA GPU, fp32 and bf16 (about 10 min)
 #   bash benchmarks/run.sh smoke [OUT]   # every script once on tiny models (a minute; checks that they run)
 #
@@ -39,6 +39,8 @@ case "$mode" in
             --compile off on --repeats 7 --no-memory --no-bpd-check
         run sampling bench_sampling.py --preset cpu "${cpu[@]}" --num-inference-steps 10 --repeats 15
         run likelihood bench_likelihood.py --preset cpu "${cpu[@]}" --repeats 5
+        run bf16_training bench_bf16_training.py --presets digits-vdm digits-diffenc-trainable --steps 200 \
+            --output-dir "$(mktemp -d)"
         ;;
     gpu)
         mkdir -p "$out"

@@ -821,8 +821,8 @@ class Trainer:
         ):
             logger.warning(
                 "--mixed_precision bf16 on a CPU without native bf16 instructions (AVX512-BF16 or AMX): oneDNN "
-                "emulates bf16 there, and a training step is many times slower than in float32 (17x measured on "
-                "an AVX2-only CPU, benchmarks/README.md). Use --mixed_precision no on this machine."
+                "emulates bf16 there, and a training step is many times slower than in float32 (14-17x measured "
+                "on an AVX2-only CPU, benchmarks/README.md). Use --mixed_precision no on this machine."
             )
         self.repo_id = None
         if accelerator.is_main_process:
