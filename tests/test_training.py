@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -384,6 +385,26 @@ def test_resume_refuses_another_seed_or_noise_process(preset, base_run, tmp_path
     scheduler_config.write_text(json.dumps({**config, "gamma_max": 6.0}))
     with pytest.raises(ValueError, match=r"scheduler's 'gamma_max' is 6.0, the checkpoint's 5.0"):
         train_diffenc.prepare(train_diffenc.parse_args(["--preset", str(other), *resume]))
+
+
+def test_resume_accepts_checkpoints_written_before_the_scheduler_record(preset, base_run, tmp_path, caplog):
+    old = tmp_path / "old-run"
+    checkpoint = train_diffenc.find_latest_checkpoint(base_run)
+    shutil.copytree(checkpoint, old / checkpoint.name)
+    state_file = old / checkpoint.name / "training_state.json"
+    state = json.loads(state_file.read_text())
+    del state["scheduler_config"]
+    state_file.write_text(json.dumps(state))
+    marker_file = old / checkpoint.name / train_diffenc.CHECKPOINT_MARKER
+    marker = json.loads(marker_file.read_text())
+    marker["files"]["training_state.json"] = state_file.stat().st_size
+    marker_file.write_text(json.dumps(marker))
+    resume = ["--output_dir", str(old), "--resume_from_checkpoint", "latest"]
+    args = train_diffenc.parse_args(["--preset", str(preset), *resume])
+    with caplog.at_level("WARNING"):
+        setup = train_diffenc.prepare(args)
+    assert setup.resume_dir == old / checkpoint.name
+    assert "noise process is not checked" in caplog.text
 
 
 @pytest.mark.parametrize("native_bf16", [False, True])

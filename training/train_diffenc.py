@@ -780,10 +780,15 @@ def check_resumed_run(folder: Path, args: argparse.Namespace, scheduler: VDMSche
     problems = []
     if state["seed"] != args.seed:
         problems.append(f"--seed is {args.seed}, the checkpoint's run used {state['seed']}")
-    saved, current = state["scheduler_config"], noise_process_config(scheduler)
-    for key in sorted(saved.keys() | current.keys()):
-        if saved.get(key) != current.get(key):
-            problems.append(f"the scheduler's {key!r} is {current.get(key)!r}, the checkpoint's {saved.get(key)!r}")
+    saved, current = state.get("scheduler_config"), noise_process_config(scheduler)
+    if saved is None:
+        logger.warning("%s predates the record of its scheduler config: the noise process is not checked.", folder)
+    else:
+        for key in sorted(saved.keys() | current.keys()):
+            if saved.get(key) != current.get(key):
+                problems.append(
+                    f"the scheduler's {key!r} is {current.get(key)!r}, the checkpoint's {saved.get(key)!r}"
+                )
     if problems:
         raise ValueError(
             f"--resume_from_checkpoint {str(folder)!r} belongs to another run: "
