@@ -107,6 +107,13 @@ def decoder_log_probs(z0_rescaled: torch.Tensor, gamma_0: torch.Tensor | float) 
     return torch.log_softmax(_decoder_distances_and_logits(z0_rescaled, gamma_0)[1], dim=-1)
 
 
+def _plain_decoder_nll(
+    z0_rescaled: torch.Tensor, gamma_0: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """-log p(x | z_0) per element read off :func:`decoder_log_probs` (autograd differentiates it to any order)."""
+    return -torch.gather(decoder_log_probs(z0_rescaled, gamma_0), -1, index.unsqueeze(-1)).squeeze(-1)
+
+
 def _decoder_nll_and_gradient_factors(
     z0_rescaled: torch.Tensor, gamma_0: torch.Tensor, index: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -168,7 +175,7 @@ class _DecoderNLLFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             inputs = (z0_rescaled, gamma_0)
             needed = [tensor for tensor, needs in zip(inputs, ctx.needs_input_grad[:2], strict=True) if needs]
-            nll = -torch.gather(decoder_log_probs(z0_rescaled, gamma_0), -1, index.unsqueeze(-1)).squeeze(-1)
+            nll = _plain_decoder_nll(z0_rescaled, gamma_0, index)
             grads = iter(torch.autograd.grad(nll, needed, grad_nll, create_graph=True))
             return (*(next(grads) if needs else None for needs in ctx.needs_input_grad[:2]), None)
         grad_z = grad_gamma = None
@@ -196,8 +203,7 @@ def decoder_nll(
     gamma_0 = torch.as_tensor(gamma_0, device=z0_rescaled.device)
     if torch.is_grad_enabled() and (z0_rescaled.requires_grad or gamma_0.requires_grad):
         return _DecoderNLLFunction.apply(z0_rescaled, gamma_0, index)[0]
-    log_probs = decoder_log_probs(z0_rescaled, gamma_0)
-    return -torch.gather(log_probs, -1, index.unsqueeze(-1)).squeeze(-1)
+    return _plain_decoder_nll(z0_rescaled, gamma_0, index)
 
 
 def nats_to_bits_per_dim(nats: torch.Tensor, num_dims: int) -> torch.Tensor:

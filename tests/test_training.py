@@ -407,22 +407,38 @@ def test_resume_accepts_checkpoints_written_before_the_scheduler_record(preset, 
     assert "noise process is not checked" in caplog.text
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """An Accelerator's settings are process-wide: start a test that builds one in-process from none, and leave
+    none behind."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.parametrize("native_bf16", [False, True])
-def test_bf16_on_a_cpu_without_bf16_instructions_warns(preset, tmp_path, monkeypatch, caplog, native_bf16):
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(
+    preset, tmp_path, monkeypatch, caplog, fresh_accelerator_state, native_bf16
+):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native_bf16)
     args = train_diffenc.parse_args(
         ["--preset", str(preset), "--output_dir", str(tmp_path / "run"), "--mixed_precision", "bf16", "--cpu"]
     )
-    from accelerate.state import AcceleratorState
-
-    # An Accelerator's settings are process-wide: start from none, and leave none behind.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        with caplog.at_level("WARNING"):
-            train_diffenc.Trainer(args, train_diffenc.prepare(args))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    with caplog.at_level("WARNING"):
+        train_diffenc.Trainer(args, train_diffenc.prepare(args))
     assert ("oneDNN emulates bf16" in caplog.text) != native_bf16
+
+
+@pytest.mark.parametrize(("batch_size", "warned"), [(16, False), (8, True)])
+def test_resume_with_another_batch_size_warns(preset, base_run, caplog, fresh_accelerator_state, batch_size, warned):
+    resume = ["--output_dir", str(base_run), "--resume_from_checkpoint", "latest", "--cpu", "--report_to", "none"]
+    args = train_diffenc.parse_args(["--preset", str(preset), *resume, "--train_batch_size", str(batch_size)])
+    with caplog.at_level("WARNING"):
+        trainer = train_diffenc.Trainer(args, train_diffenc.prepare(args))
+    assert trainer.global_step == 6
+    assert ("the checkpoint's run used 1 processes and a global micro-batch of 16" in caplog.text) == warned
 
 
 def test_objective_survives_accelerates_mixed_precision_wrapper(preset):

@@ -869,6 +869,7 @@ class Trainer:
         self.ema.to(accelerator.device)
 
         self.global_step, self.images_seen = 0, 0
+        self.global_batch = args.train_batch_size * self.world
         if setup.resume_dir is not None:
             state = load_training_state(
                 setup.resume_dir,
@@ -882,21 +883,17 @@ class Trainer:
             logger.info(
                 "Resumed from %s at step %d (%d images seen).", setup.resume_dir, self.global_step, self.images_seen
             )
+            if (state["global_batch"], state["num_processes"]) != (self.global_batch, self.world):
+                logger.warning(
+                    "Resuming with %d processes x %d images per micro-step; the checkpoint's run used %d processes "
+                    "and a global micro-batch of %d. Training continues from the same data position, but not as "
+                    "the original run would have.",
+                    self.world,
+                    args.train_batch_size,
+                    state["num_processes"],
+                    state["global_batch"],
+                )
 
-        self.global_batch = args.train_batch_size * self.world
-        if setup.resume_dir is not None and (state["global_batch"], state["num_processes"]) != (
-            self.global_batch,
-            self.world,
-        ):
-            logger.warning(
-                "Resuming with %d processes x %d images per micro-step; the checkpoint's run used %d processes and "
-                "a global micro-batch of %d. Training continues from the same data position, but not as the "
-                "original run would have.",
-                self.world,
-                args.train_batch_size,
-                state["num_processes"],
-                state["global_batch"],
-            )
         sampler = StreamBatchSampler(
             len(setup.train_set), args.train_batch_size, self.world, self.rank, args.seed, self.images_seen
         )

@@ -248,59 +248,45 @@ def _forward_ad_convolution(
     return _ConvolutionFunction.apply(hidden_states, weight, bias, *conv_args)
 
 
-def _check_zero_padding(conv: nn.modules.conv._ConvNd) -> None:
-    """Raise unless ``conv`` pads with zeros by explicit amounts (what `_ConvolutionFunction` implements)."""
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        raise ValueError(
-            f"{type(conv).__name__} supports padding_mode='zeros' with integer padding only; got "
-            f"padding_mode={conv.padding_mode!r}, padding={conv.padding!r}."
-        )
+class _ForwardADConvolution:
+    """What `ForwardADConv2d` and `ForwardADConvTranspose2d` add to their `torch.nn` base class: a check that the
+    padding is what `_ConvolutionFunction` implements, and a forward through it. The base class's own attributes
+    (`transposed`, `output_padding`, ...) give the convolution's arguments."""
+
+    def __init__(self, *args: object, **kwargs: object):
+        super().__init__(*args, **kwargs)
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            raise ValueError(
+                f"{type(self).__name__} supports padding_mode='zeros' with integer padding only; got "
+                f"padding_mode={self.padding_mode!r}, padding={self.padding!r}."
+            )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        r"""
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`).
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, out_channels, height_out, width_out)`.
+        """
+        conv_args = (self.stride, self.padding, self.dilation, self.transposed, self.output_padding, self.groups)
+        return _forward_ad_convolution(hidden_states, self.weight, self.bias, conv_args)
 
 
-class ForwardADConv2d(nn.Conv2d):
+class ForwardADConv2d(_ForwardADConvolution, nn.Conv2d):
     r"""
     `nn.Conv2d` (zero padding) whose forward-mode derivative skips the parameters' absent tangents (see
     `_ConvolutionFunction`): in forward mode with respect to an input it costs one convolution, not two.
     Same arguments, parameters, state dict and values as `nn.Conv2d`.
     """
 
-    def __init__(self, *args: object, **kwargs: object):
-        super().__init__(*args, **kwargs)
-        _check_zero_padding(self)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        r"""
-        Args:
-            hidden_states (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`).
-
-        Returns:
-            `torch.Tensor` of shape `(batch_size, out_channels, height_out, width_out)`.
-        """
-        conv_args = (self.stride, self.padding, self.dilation, False, (0, 0), self.groups)
-        return _forward_ad_convolution(hidden_states, self.weight, self.bias, conv_args)
-
-
-class ForwardADConvTranspose2d(nn.ConvTranspose2d):
+class ForwardADConvTranspose2d(_ForwardADConvolution, nn.ConvTranspose2d):
     r"""
     `nn.ConvTranspose2d` (zero padding, no `output_size` argument) whose forward-mode derivative skips the
     parameters' absent tangents, as [`ForwardADConv2d`]. Same arguments, parameters, state dict and values as
     `nn.ConvTranspose2d`.
     """
-
-    def __init__(self, *args: object, **kwargs: object):
-        super().__init__(*args, **kwargs)
-        _check_zero_padding(self)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        r"""
-        Args:
-            hidden_states (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`).
-
-        Returns:
-            `torch.Tensor` of shape `(batch_size, out_channels, height_out, width_out)`.
-        """
-        conv_args = (self.stride, self.padding, self.dilation, True, self.output_padding, self.groups)
-        return _forward_ad_convolution(hidden_states, self.weight, self.bias, conv_args)
 
 
 class UpcastGroupNorm(nn.GroupNorm):
