@@ -29,6 +29,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from diffenc_diffusers import DiffEncEncoderModel, VDMUNetModel
+from diffenc_diffusers.training import cpu_has_native_bf16
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """Names accepted by ``--dtype``."""
@@ -284,11 +285,6 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_supports_bf16() -> bool:
-    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX); without them bf16 is emulated."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Versions, hardware and options, for the JSON output."""
     info: dict[str, Any] = {
@@ -300,7 +296,7 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         "device": str(device),
         "threads": torch.get_num_threads(),
         "cpu": cpu_name(),
-        "cpu_native_bf16": cpu_supports_bf16(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

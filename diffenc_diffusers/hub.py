@@ -13,8 +13,9 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from diffusers import DiffusionPipeline
 from huggingface_hub import (
     CommitInfo,
     ModelCard,
@@ -25,9 +26,6 @@ from huggingface_hub import (
     upload_folder,
 )
 from huggingface_hub.errors import LocalEntryNotFoundError
-
-if TYPE_CHECKING:
-    from .pipeline_diffenc import DiffEncPipeline
 
 MODEL_INDEX_NAME = "model_index.json"
 MODEL_CARD_NAME = "README.md"
@@ -128,7 +126,7 @@ def download_pipeline(
 
 
 def make_model_card(
-    pipeline: DiffEncPipeline,
+    pipeline: DiffusionPipeline,
     repo_id: str,
     training_info: Mapping[str, Any] | None = None,
     bpd: float | None = None,
@@ -223,7 +221,7 @@ def make_model_card(
 
 
 def upload_pipeline_folder(
-    pipeline: DiffEncPipeline,
+    pipeline: DiffusionPipeline,
     folder: str | os.PathLike,
     repo_id: str,
     *,

@@ -19,7 +19,7 @@ PRESETS = {
 }
 TRAINING_KEYS = {
     "dataset", "resolution", "train_batch_size", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay",
-    "lr_warmup_steps", "max_train_steps", "ema_decay", "num_timesteps", "max_grad_norm", "mixed_precision",
+    "lr_warmup_steps", "max_train_steps", "ema_decay", "num_timesteps", "max_grad_norm",
     "gradient_accumulation_steps", "checkpointing_steps", "eval_batch_size", "random_flip",
 }  # fmt: skip
 MODULES = {

@@ -21,17 +21,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import write_tiny_preset
 from PIL import Image
 from safetensors.torch import load_file
 
 from diffenc_diffusers import (
     DiffEncEncoderModel,
-    DiffEncObjectiveOutput,
     DiffEncPipeline,
-    VDMScheduler,
-    VDMUNetModel,
 )
-from diffenc_diffusers.data import load_digits_uint8
+from diffenc_diffusers.training.checkpointing import (
+    CHECKPOINT_MARKER,
+    checkpoint_step,
+    find_latest_checkpoint,
+    is_complete_checkpoint,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "training" / "train_diffenc.py"
@@ -72,37 +75,6 @@ def load_script():
 train_diffenc = load_script()
 
 
-def write_preset(folder: Path, **training: object) -> Path:
-    """A tiny trainable-DiffEnc preset with a learned schedule: configs only (no weights) + training_config."""
-    unet = VDMUNetModel(sample_size=8, in_channels=1, hidden_channels=16, num_layers=1, norm_num_groups=8)
-    encoder = DiffEncEncoderModel(
-        sample_size=8, in_channels=1, block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=8
-    )
-    scheduler = VDMScheduler(encoder_type="trainable", schedule="learned_linear")
-    DiffEncPipeline(unet=unet, scheduler=scheduler, encoder=encoder).save_pretrained(folder)
-    for weights in folder.rglob("*.safetensors"):
-        weights.unlink()
-    config = {
-        "dataset": "digits",
-        "resolution": 8,
-        "train_batch_size": 16,
-        "learning_rate": 2e-3,
-        "lr_warmup_steps": 2,
-        "max_train_steps": 6,
-        "ema_decay": 0.9,
-        "num_timesteps": None,
-        "max_grad_norm": 1.0,
-        "mixed_precision": "no",
-        "gradient_accumulation_steps": 1,
-        "checkpointing_steps": 2,
-        "eval_batch_size": 32,
-        "random_flip": True,
-    }
-    config.update(training)
-    (folder / "training_config.json").write_text(json.dumps({k: v for k, v in config.items() if v != "omit"}))
-    return folder
-
-
 def train_command(preset: Path, output: Path, *extra: str) -> list[str]:
     return [sys.executable, str(SCRIPT), "--preset", str(preset), "--output_dir", str(output), *FAST, *extra]
 
@@ -119,7 +91,7 @@ def tensors_equal(first: Path, second: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def preset(tmp_path_factory) -> Path:
-    return write_preset(tmp_path_factory.mktemp("preset"))
+    return write_tiny_preset(tmp_path_factory.mktemp("preset"))
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +146,7 @@ def test_run_logs_every_term_to_tensorboard(base_run):
 def test_checkpoint_limit_holds(base_run):
     checkpoints = sorted(path.name for path in base_run.glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-4", "checkpoint-6"]
-    assert all(train_diffenc.is_complete_checkpoint(base_run / name) for name in checkpoints)
+    assert all(is_complete_checkpoint(base_run / name) for name in checkpoints)
 
 
 def test_sigkill_then_resume_ends_with_the_same_parameters(preset, base_run, tmp_path):
@@ -186,14 +158,14 @@ def test_sigkill_then_resume_ends_with_the_same_parameters(preset, base_run, tmp
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 240
-    while train_diffenc.find_latest_checkpoint(output) is None and process.poll() is None:
+    while find_latest_checkpoint(output) is None and process.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed mid-way"
     assert not (output / "model_index.json").exists()
-    killed_at = train_diffenc.find_latest_checkpoint(output)
-    assert train_diffenc.checkpoint_step(killed_at) < 6
+    killed_at = find_latest_checkpoint(output)
+    assert checkpoint_step(killed_at) < 6
 
     # Leftovers of writes cut off mid-way: neither may be resumed from, and the temporary one is cleaned up.
     cut_off = output / "checkpoint-5"
@@ -201,7 +173,7 @@ def test_sigkill_then_resume_ends_with_the_same_parameters(preset, base_run, tmp
     (cut_off / "model.safetensors").write_bytes(b"partial")
     temporary = output / "checkpoint-5.tmp-123"
     temporary.mkdir()
-    (temporary / train_diffenc.CHECKPOINT_MARKER).write_text(json.dumps({"step": 5, "files": {}}))
+    (temporary / CHECKPOINT_MARKER).write_text(json.dumps({"step": 5, "files": {}}))
 
     run(train_command(preset, output, "--checkpoints_total_limit", "2", "--resume_from_checkpoint", "latest"))
     assert not temporary.exists() and cut_off.exists()
@@ -235,33 +207,6 @@ def test_two_processes_train_like_one(preset, tmp_path):
     initial = DiffEncPipeline.from_preset(str(preset)).unet.state_dict()
     trained = load_file(one / "checkpoint-3" / "model.safetensors")
     assert max((trained[f"unet.{k}"] - v).abs().max().item() for k, v in initial.items()) > 1e-3
-
-
-def test_cut_off_checkpoint_is_never_picked(tmp_path):
-    def write(folder: Path) -> None:
-        (folder / "model.safetensors").write_bytes(b"x" * 100)
-
-    def crash(folder: Path) -> None:
-        (folder / "model.safetensors").write_bytes(b"x" * 10)
-        raise KeyboardInterrupt
-
-    first = train_diffenc.write_checkpoint(tmp_path, 2, write)
-    assert train_diffenc.find_latest_checkpoint(tmp_path) == first
-    with pytest.raises(KeyboardInterrupt):
-        train_diffenc.write_checkpoint(tmp_path, 4, crash)
-    assert not (tmp_path / "checkpoint-4").exists()
-    assert train_diffenc.find_latest_checkpoint(tmp_path) == first
-    # A folder with a checkpoint's name but a file shorter than its marker says (e.g. copied while written).
-    truncated = train_diffenc.write_checkpoint(tmp_path, 6, write)
-    (truncated / "model.safetensors").write_bytes(b"x" * 50)
-    assert train_diffenc.find_latest_checkpoint(tmp_path) == first
-    assert [p.name for p in train_diffenc.remove_partial_checkpoints(tmp_path)] == [f"checkpoint-4.tmp-{os.getpid()}"]
-    # Pruning keeps the newest complete ones and never the checkpoint resumed from.
-    for step in (8, 10):
-        train_diffenc.write_checkpoint(tmp_path, step, write)
-    deleted = train_diffenc.prune_checkpoints(tmp_path, 1, keep=first)
-    assert sorted(p.name for p in deleted) == ["checkpoint-8"]
-    assert [step for step, _ in train_diffenc.complete_checkpoints(tmp_path)] == [2, 10]
 
 
 def test_push_uploads_exactly_the_pipeline_files(preset, tmp_path, monkeypatch):
@@ -346,10 +291,10 @@ def test_bad_data_and_presets_fail_before_training(preset, tmp_path, capsys):
         )
     with pytest.raises(ValueError, match=r"--preset 'no-such-preset'.*available presets"):
         train_diffenc.main(["--preset", "no-such-preset", "--output_dir", str(output)])
-    no_data = write_preset(tmp_path / "no-data", dataset="omit")
+    no_data = write_tiny_preset(tmp_path / "no-data", dataset="omit")
     with pytest.raises(ValueError, match=r"No training data.*--dataset.*--train_data_dir"):
         train_diffenc.main(["--preset", str(no_data), "--output_dir", str(output)])
-    typo = write_preset(tmp_path / "typo", learning_rte=1.0)
+    typo = write_tiny_preset(tmp_path / "typo", learning_rte=1.0)
     with pytest.raises(ValueError, match="unknown keys \\['learning_rte'\\]"):
         train_diffenc.main(["--preset", str(typo), "--output_dir", str(output)])
     assert not output.exists()
@@ -389,13 +334,13 @@ def test_resume_refuses_another_seed_or_noise_process(preset, base_run, tmp_path
 
 def test_resume_accepts_checkpoints_written_before_the_scheduler_record(preset, base_run, tmp_path, caplog):
     old = tmp_path / "old-run"
-    checkpoint = train_diffenc.find_latest_checkpoint(base_run)
+    checkpoint = find_latest_checkpoint(base_run)
     shutil.copytree(checkpoint, old / checkpoint.name)
     state_file = old / checkpoint.name / "training_state.json"
     state = json.loads(state_file.read_text())
     del state["scheduler_config"]
     state_file.write_text(json.dumps(state))
-    marker_file = old / checkpoint.name / train_diffenc.CHECKPOINT_MARKER
+    marker_file = old / checkpoint.name / CHECKPOINT_MARKER
     marker = json.loads(marker_file.read_text())
     marker["files"]["training_state.json"] = state_file.stat().st_size
     marker_file.write_text(json.dumps(marker))
@@ -405,17 +350,6 @@ def test_resume_accepts_checkpoints_written_before_the_scheduler_record(preset, 
         setup = train_diffenc.prepare(args)
     assert setup.resume_dir == old / checkpoint.name
     assert "noise process is not checked" in caplog.text
-
-
-@pytest.fixture
-def fresh_accelerator_state():
-    """An Accelerator's settings are process-wide: start a test that builds one in-process from none, and leave
-    none behind."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.mark.parametrize("native_bf16", [False, True])
@@ -441,43 +375,37 @@ def test_resume_with_another_batch_size_warns(preset, base_run, caplog, fresh_ac
     assert ("the checkpoint's run used 1 processes and a global micro-batch of 16" in caplog.text) == warned
 
 
-def test_objective_survives_accelerates_mixed_precision_wrapper(preset):
-    """accelerate wraps a prepared module's forward in autocast and converts its outputs to float32; the
-    objective's output (per-image bits/dim) must be rebuilt intact, stay float32 and carry gradients."""
-    from accelerate.utils import convert_outputs_to_fp32
-
-    pipe = DiffEncPipeline.from_preset(str(preset))
-    objective = train_diffenc.DiffEncObjective(pipe.unet, pipe.scheduler, pipe.encoder)
-    forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(objective.forward))
-    draws = train_diffenc.step_randomness(0, 0, 0, 4, (1, 8, 8), rank=0, per_rank=4)
-    terms = forward(
-        load_digits_uint8("train")[:4], t=draws["t"], noise=draws["noise"], recon_noise=draws["recon_noise"]
-    )
-    assert isinstance(terms, DiffEncObjectiveOutput)
-    assert set(terms) == {"loss", "t", *train_diffenc.TERM_NAMES}
-    assert all(terms[name].dtype == torch.float32 for name in ("loss", *train_diffenc.TERM_NAMES))
-    assert terms.bpd.shape == (4,)
-    terms.loss.backward()
-    assert objective.unet.conv_out.weight.grad.abs().sum() > 0
-
-
-def test_step_randomness_is_keyed_by_global_position():
-    whole = train_diffenc.step_randomness(0, 5, 1, 8, (1, 2, 2), rank=0, per_rank=8)
-    halves = [train_diffenc.step_randomness(0, 5, 1, 8, (1, 2, 2), rank=r, per_rank=4) for r in (0, 1)]
-    for name in ("t", "noise", "recon_noise", "flip"):
-        assert torch.equal(whole[name], torch.cat([half[name] for half in halves]))
-    t = whole["t"].sort().values
-    assert torch.allclose(t[1:] - t[:-1], torch.full((7,), 1 / 8, dtype=torch.float64))
-    assert not torch.equal(whole["noise"], train_diffenc.step_randomness(0, 6, 1, 8, (1, 2, 2), 0, 8)["noise"])
+@pytest.mark.parametrize(
+    ("launcher", "flag", "expected"), [(None, None, "no"), ("bf16", None, "bf16"), ("bf16", "no", "no")]
+)
+def test_mixed_precision_defaults_to_the_launchers(
+    tmp_path, monkeypatch, fresh_accelerator_state, launcher, flag, expected
+):
+    """Unset in flags and preset, --mixed_precision is accelerate's (the launcher exports its setting as
+    ACCELERATE_MIXED_PRECISION); a flag overrides it."""
+    preset = write_tiny_preset(tmp_path / "preset", mixed_precision="omit")
+    if launcher is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    flags = ["--preset", str(preset), "--output_dir", str(tmp_path / "run"), "--cpu", "--report_to", "none"]
+    args = train_diffenc.parse_args([*flags, *(["--mixed_precision", flag] if flag else [])])
+    trainer = train_diffenc.Trainer(args, train_diffenc.prepare(args))
+    assert trainer.accelerator.mixed_precision == expected and args.mixed_precision == expected
 
 
-def test_data_stream_splits_global_batches_across_processes():
-    one = iter(train_diffenc.StreamBatchSampler(10, 4, 1, 0, seed=3, start=0))
-    two = [iter(train_diffenc.StreamBatchSampler(10, 2, 2, rank, seed=3, start=0)) for rank in (0, 1)]
-    batches = [next(one) for _ in range(5)]
-    assert all(batch == next(two[0]) + next(two[1]) for batch in batches)
-    # Every epoch is a permutation; resuming at position 8 continues the same stream.
-    stream = [index for batch in batches for index in batch]
-    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
-    resumed = iter(train_diffenc.StreamBatchSampler(10, 4, 1, 0, seed=3, start=8))
-    assert next(resumed) == stream[8:12]
+def test_resumed_run_reads_its_state_once(preset, base_run, monkeypatch, fresh_accelerator_state):
+    reads = []
+    read_text = Path.read_text
+
+    def counting_read_text(self, *args, **kwargs):
+        if self.name == "training_state.json":
+            reads.append(self)
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counting_read_text)
+    resume = ["--output_dir", str(base_run), "--resume_from_checkpoint", "latest", "--cpu", "--report_to", "none"]
+    args = train_diffenc.parse_args(["--preset", str(preset), *resume])
+    trainer = train_diffenc.Trainer(args, train_diffenc.prepare(args))
+    assert trainer.global_step == 6 and len(reads) == 1

@@ -1,0 +1,188 @@
+"""One training update of :class:`~diffenc_diffusers.DiffEncObjective` with accelerate, and what a loop needs
+around it: AdamW parameter groups, EMA weights swapped in for evaluation, a pipeline of the trained networks.
+
+A complete loop of your own (the command line ``training/train_diffenc.py`` is this plus data, checkpoints,
+logging and evaluation)::
+
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from diffenc_diffusers import DiffEncObjective, DiffEncPipeline
+    from diffenc_diffusers.training import TrainingStep, parameter_groups, pipeline_from_objective
+
+    pipe = DiffEncPipeline.from_preset("digits-diffenc-trainable")
+    accelerator = Accelerator()
+    objective = DiffEncObjective(pipe.unet, pipe.scheduler, pipe.encoder)
+    optimizer = torch.optim.AdamW(parameter_groups(objective, weight_decay=0.01), lr=1e-3, betas=(0.9, 0.99))
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer=optimizer, num_warmup_steps=100)
+    prepared, optimizer = accelerator.prepare(objective, optimizer)
+    ema = EMAModel(objective.parameters(), decay=0.999)
+    step = TrainingStep(accelerator, prepared, optimizer, lr_scheduler, ema, seed=0, max_grad_norm=1.0)
+    for global_step in range(1000):
+        output = step(batches, global_step)          # batches: an iterator of uint8 (B, C, H, W) tensors
+    ema.copy_to(objective.parameters())
+    pipeline_from_objective(objective).save_pretrained("my-model")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..objective import DiffEncObjective
+from ..pipeline_diffenc import DiffEncPipeline
+from .randomness import dropout_seed, step_randomness
+
+TERM_NAMES = ("bpd", "loss_recon", "loss_klz", "loss_diff")
+"""The per-image terms of the objective that a step reports, in bits/dim."""
+
+
+@dataclass
+class TrainingStepOutput:
+    """What one update reports. The terms are means over every image of the update (all processes, all
+    micro-steps), in bits/dim.
+
+    Args:
+        bpd: the negative ELBO (the loss that was minimised).
+        loss_recon: reconstruction term.
+        loss_klz: prior term.
+        loss_diff: diffusion term.
+        grad_norm: the global gradient norm before clipping (NaN if no gradient was synchronised).
+        num_images: images of the update, over all processes and micro-steps.
+    """
+
+    bpd: float
+    loss_recon: float
+    loss_klz: float
+    loss_diff: float
+    grad_norm: float
+    num_images: int
+
+
+class TrainingStep:
+    r"""
+    One update of a prepared :class:`~diffenc_diffusers.DiffEncObjective`: `gradient_accumulation_steps` (the
+    accelerator's) micro-batches, each with its exact seeded draws, backward, gradient clipping, the optimizer,
+    the learning-rate schedule and the EMA.
+
+    The draws of micro-step m of update n (t low-discrepancy over the global batch, eps, eps_0, flips) come from
+    :func:`~diffenc_diffusers.training.randomness.step_randomness` keyed by (`seed`, n, m) for the whole global
+    batch, of which this process takes its slice; dropout is reseeded per (`seed`, n, m, process). So an update
+    is a function of the seed, the step number and the images alone: resuming reproduces it bit for bit, and one
+    process with batch 2B computes what two with batch B compute, up to reduction order.
+
+    Args:
+        accelerator (`accelerate.Accelerator`): the run's accelerator.
+        objective: the objective as returned by `accelerator.prepare` (possibly DDP-wrapped).
+        optimizer: the prepared optimizer.
+        lr_scheduler: stepped once per update (not prepared: accelerate would step it once per process).
+        ema (`diffusers.training_utils.EMAModel`, *optional*): the EMA of every parameter of the objective.
+        seed (`int`): the run's seed.
+        max_grad_norm (`float`, *optional*): clip the global gradient norm to this; None for no clipping (the norm
+            is still computed and reported).
+        random_flip (`bool`): flip each training image horizontally with probability 1/2 (exact, on uint8).
+    """
+
+    def __init__(
+        self,
+        accelerator: Any,
+        objective: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any,
+        ema: Any = None,
+        *,
+        seed: int = 0,
+        max_grad_norm: float | None = None,
+        random_flip: bool = False,
+    ):
+        if not isinstance(accelerator.unwrap_model(objective), DiffEncObjective):
+            raise TypeError(
+                f"`objective` must be a DiffEncObjective (as returned by accelerator.prepare), got "
+                f"{type(objective).__name__}."
+            )
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"`max_grad_norm` must be positive or None (no clipping), got {max_grad_norm!r}.")
+        self.accelerator = accelerator
+        self.objective = objective
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.ema = ema
+        self.seed = seed
+        self.max_grad_norm = math.inf if max_grad_norm is None else max_grad_norm
+        self.random_flip = random_flip
+        self.parameters = list(accelerator.unwrap_model(objective).parameters())
+
+    def __call__(self, batches: Iterator[torch.Tensor], step: int) -> TrainingStepOutput:
+        """Run update number ``step`` on the next `gradient_accumulation_steps` batches of ``batches``.
+
+        Args:
+            batches: yields this process' uint8 images (B, C, H, W); every process must use the same B.
+            step: the update's number (0 for the first), which keys its random draws.
+        """
+        accelerator = self.accelerator
+        device = accelerator.device
+        rank, world = accelerator.process_index, accelerator.num_processes
+        totals = torch.zeros(len(TERM_NAMES) + 1, dtype=torch.float64, device=device)
+        grad_norm = torch.tensor(float("nan"))
+        for micro_step in range(accelerator.gradient_accumulation_steps):
+            images = next(batches).to(device)
+            per_rank = len(images)
+            draws = step_randomness(
+                self.seed, step, micro_step, per_rank * world, tuple(images.shape[1:]), rank, per_rank
+            )
+            draws = {name: value.to(device) for name, value in draws.items()}
+            if self.random_flip:
+                images = torch.where(draws["flip"].view(-1, 1, 1, 1), images.flip(-1), images)
+            torch.manual_seed(dropout_seed(self.seed, step, micro_step, rank))
+            with accelerator.accumulate(self.objective):
+                terms = self.objective(images, t=draws["t"], noise=draws["noise"], recon_noise=draws["recon_noise"])
+                accelerator.backward(terms.loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(self.objective.parameters(), self.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            sums = [terms[name].detach().double().sum() for name in TERM_NAMES]
+            totals += torch.stack([*sums, torch.tensor(float(per_rank), dtype=torch.float64, device=device)])
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.parameters)
+        totals = accelerator.reduce(totals, reduction="sum")
+        means = {name: (totals[index] / totals[-1]).item() for index, name in enumerate(TERM_NAMES)}
+        return TrainingStepOutput(**means, grad_norm=float(grad_norm), num_images=int(totals[-1].item()))
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on weight matrices and kernels (ndim >= 2), none on biases, norm scales and
+    the scalar schedule parameters (as VDM)."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@contextlib.contextmanager
+def ema_weights(ema: Any, parameters: list[nn.Parameter]) -> Iterator[None]:
+    """Within the block, ``parameters`` hold the EMA's averages; afterwards their own values again."""
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)
+
+
+def pipeline_from_objective(objective: DiffEncObjective) -> DiffEncPipeline:
+    """A :class:`DiffEncPipeline` of the objective's networks (shared, not copied; switched to eval mode) and
+    its current schedule (:meth:`DiffEncObjective.export_scheduler`, so learned endpoints are written back), with
+    the progress bar off."""
+    objective.unet.eval()
+    if objective.encoder is not None:
+        objective.encoder.eval()
+    pipe = DiffEncPipeline(unet=objective.unet, scheduler=objective.export_scheduler(), encoder=objective.encoder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
