@@ -22,6 +22,7 @@ from torch import nn
 from torch.autograd import forward_ad
 
 from .discretization import decoder_nll, nats_to_bits_per_dim, validate_images
+from .models.schedule_monotone import MonotoneSchedule
 from .scheduling_vdm import VDMScheduler, alpha_sigma, alpha_sigma_squared, expand_to, linear_gamma, schedule_dtype
 
 
@@ -61,8 +62,11 @@ class DiffEncObjective(nn.Module):
     The negative ELBO of a VDM (`encoder_type="none"`), a non-trainable DiffEnc (`"nontrainable"`) or a trainable
     DiffEnc (`"trainable"`, with an encoder network), as set by the scheduler's `encoder_type`.
 
-    The module holds the denoiser, the encoder (if any) and, for `schedule="learned_linear"`, the two trainable
-    schedule endpoints `gamma_min` and `gamma_max` (float32 parameters; gamma itself is computed in float64).
+    The module holds the denoiser, the encoder (if any), for `schedule="learned_linear"` (and `"learned_monotone"`
+    with `learn_endpoints`) the two trainable schedule endpoints `gamma_min` and `gamma_max`, and for
+    `"learned_monotone"` the schedule's weights `monotone_schedule` (float32 parameters; gamma itself is computed
+    in float64). In continuous time the monotone weights are trained to minimise the variance of the loss
+    estimate (see :meth:`continuous_diffusion_nats`); in discrete time, where the loss depends on them, by the loss.
     Calling it on a batch of 8-bit images returns per-image bits per dimension; ``output.loss.backward()``
     trains every part, including the encoder through d y_phi / d gamma (a forward-mode derivative).
 
@@ -108,12 +112,14 @@ class DiffEncObjective(nn.Module):
         self.encoder = encoder
         self.scheduler = scheduler
         self.num_timesteps = num_timesteps
-        if scheduler.config.schedule == "learned_linear":
+        if scheduler.learns_endpoints:
             self.gamma_min = nn.Parameter(torch.tensor(float(scheduler.config.gamma_min)))
             self.gamma_max = nn.Parameter(torch.tensor(float(scheduler.config.gamma_max)))
         else:
             self.gamma_min = None
             self.gamma_max = None
+        is_monotone = scheduler.config.schedule == "learned_monotone"
+        self.monotone_schedule = MonotoneSchedule.from_scheduler(scheduler) if is_monotone else None
 
     @property
     def encoder_type(self) -> str:
@@ -121,26 +127,43 @@ class DiffEncObjective(nn.Module):
         return self.scheduler.config.encoder_type
 
     def gamma(self, t: torch.Tensor) -> torch.Tensor:
-        """gamma(t) in float64 (float32 on MPS): the scheduler's, or the learned endpoints' linear schedule."""
-        if self.gamma_min is None:
-            return self.scheduler.gamma(t)
-        dtype = schedule_dtype(t.device)
-        return linear_gamma(t.to(dtype), self.gamma_min.to(dtype), self.gamma_max.to(dtype))
+        """gamma(t) in float64 (float32 on MPS), shape of ``t``: the scheduler's formula with the current (learned)
+        schedule parameters, differentiable in them."""
+        return self._gamma_and_derivative(t)[0]
 
     def gamma_derivative(self, t: torch.Tensor) -> torch.Tensor:
-        """d gamma / dt at t, shape of ``t`` (differentiable in the learned endpoints)."""
-        if self.gamma_min is None:
-            return self.scheduler.gamma_derivative(t)
+        """d gamma / dt at t, like :meth:`gamma`."""
+        return self._gamma_and_derivative(t)[1]
+
+    def _gamma_and_derivative(
+        self, t: torch.Tensor, per_sample: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """(gamma(t), d gamma / dt, the monotone schedule's weights as used, or ``None``) in float64.
+
+        Without trainable schedule parameters this is the scheduler's own computation. ``per_sample`` expands the
+        monotone weights to one copy per element of ``t`` (see :meth:`MonotoneSchedule.forward`).
+        """
+        if self.gamma_min is None and self.monotone_schedule is None:
+            return (*self.scheduler.gamma_and_derivative(t), None)
         dtype = schedule_dtype(t.device)
-        return (self.gamma_max.to(dtype) - self.gamma_min.to(dtype)).expand(t.shape)
+        t = t.to(dtype)
+        if self.gamma_min is None:
+            gamma_min, gamma_max = self.scheduler.config.gamma_min, self.scheduler.config.gamma_max
+        else:
+            gamma_min, gamma_max = self.gamma_min.to(dtype), self.gamma_max.to(dtype)
+        if self.monotone_schedule is not None:
+            return self.monotone_schedule(t, gamma_min, gamma_max, per_sample=per_sample)
+        return linear_gamma(t, gamma_min, gamma_max), (gamma_max - gamma_min).expand(t.shape), None
 
     def export_scheduler(self) -> VDMScheduler:
-        """A copy of the scheduler whose `gamma_min` / `gamma_max` are the current (learned) endpoints."""
-        if self.gamma_min is None:
-            return VDMScheduler.from_config(self.scheduler.config)
-        return VDMScheduler.from_config(
-            self.scheduler.config, gamma_min=float(self.gamma_min.detach()), gamma_max=float(self.gamma_max.detach())
-        )
+        """A copy of the scheduler whose config holds the current (learned) schedule parameters: the endpoints
+        `gamma_min` / `gamma_max` and, for `learned_monotone`, the `monotone_*` weights."""
+        overrides = {}
+        if self.gamma_min is not None:
+            overrides.update(gamma_min=float(self.gamma_min.detach()), gamma_max=float(self.gamma_max.detach()))
+        if self.monotone_schedule is not None:
+            overrides.update(self.monotone_schedule.config_values())
+        return VDMScheduler.from_config(self.scheduler.config, **overrides)
 
     def encode(self, x: torch.Tensor, gamma: torch.Tensor, with_derivative: bool = False) -> Encoding:
         """The encoded data x_phi(x, t) at gamma = gamma_t, and optionally d x_phi / d gamma.
@@ -246,16 +269,28 @@ class DiffEncObjective(nn.Module):
 
         L = 0.5 gamma'(t) e^{-gamma_t} || x_hat - x_phi + d x_phi / d gamma + sigma_t^2 x_hat ||^2,
         with the last two terms absent for VDM (where it equals 0.5 gamma' || eps - eps_hat ||^2).
+
+        Learned monotone schedule: E_t[L] depends on gamma only through its ends, so the weights of its interior
+        get no ELBO gradient but the variance gradient, d/dw mean_i(L_i^2) (L_i in bits/dim): gradient hooks on
+        their per-image copies scale image i's gradient by 2 L_i (VDM paper, Appendix on variance minimisation).
+        The endpoints and the networks keep the gradient of the loss itself.
         """
-        gamma_t = self.gamma(t)
+        variance_gradient = self.monotone_schedule is not None and torch.is_grad_enabled()
+        gamma_t, dgamma_dt, interior = self._gamma_and_derivative(t, per_sample=variance_gradient)
         encoding = self.encode(x, gamma_t, with_derivative=True)
         x_hat = self._denoise(encoding.x_phi, noise, gamma_t)
         residual = x_hat - encoding.x_phi
         if encoding.dx_phi_dgamma is not None:
             sigma_sq = expand_to(torch.sigmoid(gamma_t), x).to(x.dtype)
             residual = residual + encoding.dx_phi_dgamma + sigma_sq * x_hat
-        weight = 0.5 * self.gamma_derivative(t) * torch.exp(-gamma_t)
-        return weight * (residual.flatten(1) ** 2).sum(1)
+        weight = 0.5 * dgamma_dt * torch.exp(-gamma_t)
+        loss = weight * (residual.flatten(1) ** 2).sum(1)
+        if variance_gradient:
+            scale = 2.0 * nats_to_bits_per_dim(loss.detach(), x[0].numel())
+            for param in interior:
+                if param.requires_grad:
+                    param.register_hook(lambda grad: grad * expand_to(scale, grad).to(grad.dtype))
+        return loss
 
     def discrete_diffusion_nats(
         self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
