@@ -273,9 +273,8 @@ class DiffEncObjective(nn.Module):
         batch = x.shape[0]
         ends = torch.cat([torch.zeros(batch, device=x.device), torch.ones(batch, device=x.device)])
         gamma_ends = self.gamma(ends)
-        x_phi_0, x_phi_1 = self.encode(torch.cat([x, x]), gamma_ends, class_labels=_twice(class_labels)).x_phi.split(
-            batch
-        )
+        encoding = self.encode(torch.cat([x, x]), gamma_ends, class_labels=_twice(class_labels))
+        x_phi_0, x_phi_1 = encoding.x_phi.split(batch)
         gamma_0, gamma_1 = gamma_ends[0], gamma_ends[-1]
 
         z0_rescaled = x_phi_0 + torch.exp(0.5 * gamma_0).to(x.dtype) * recon_noise

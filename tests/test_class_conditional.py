@@ -110,6 +110,13 @@ def test_conditional_elbo_is_per_image_and_trains_both_class_embeddings(images):
         grad = model.class_embedding.embedding.weight.grad
         assert grad is not None and (grad.abs().sum(dim=1) > 0).all()
 
+    discrete = DiffEncObjective(pipe.unet, pipe.scheduler, pipe.encoder, num_timesteps=10)
+    steps = [
+        discrete(images, t=t, noise=noise, recon_noise=recon_noise, class_labels=c).bpd
+        for c in (labels, labels.flip(0))
+    ]
+    assert torch.isfinite(steps[0]).all() and (steps[0] - steps[1]).abs().min() > 1e-6
+
     with pytest.raises(ValueError, match="pass `class_labels` of shape \\(4,\\)"):
         objective(images)
     unconditional = DiffEncObjective(make_unet(), VDMScheduler())

@@ -1,6 +1,11 @@
 """schedule="learned_monotone": the monotone gamma network with exact ends, its config, sampler and training."""
 
 import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +17,7 @@ from diffenc_diffusers.discretization import uint8_to_grid
 from diffenc_diffusers.models import MonotoneSchedule
 from diffenc_diffusers.scheduling_vdm import linear_gamma, monotone_gamma
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 # A strongly non-linear interior (steps of width 1/50 and 1/30) next to the default near-linear one.
 STRONG = {
     "monotone_l2_weight": [30.0, -5.0, 50.0],
@@ -298,3 +304,24 @@ def test_pipeline_with_a_monotone_schedule_saves_loads_samples_and_scores(tmp_pa
         for p in (pipe, loaded)
     ]
     assert torch.isfinite(bpd[0]).all() and torch.equal(bpd[0], bpd[1])
+
+
+def test_variance_script_fits_and_compares_on_a_saved_pipeline(tmp_path):
+    DiffEncPipeline(unet=make_unet(), scheduler=VDMScheduler()).save_pretrained(tmp_path / "pipe")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "scripts" / "schedule_variance.py"),
+        "--pipeline",
+        str(tmp_path / "pipe"),
+    ]
+    options = ["--num_images", "8", "--draws", "3", "--output_json", str(tmp_path / "out.json")]
+    result = subprocess.run([*command, *options, "--fit_steps", "2"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["num_images"] == 8 and out["draws"] == 3 and out["fit_steps"] == 2
+    for name in ("monotone", "linear"):
+        assert set(out[name]) == {"bpd", "bpd_se", "var_per_image", "var_total"}
+    assert out["variance_ratio_linear_over_monotone"] > 0
+    refused = subprocess.run([*command, *options], env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "pass --fit_steps N" in refused.stderr
