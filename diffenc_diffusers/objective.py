@@ -22,6 +22,7 @@ from torch import nn
 from torch.autograd import forward_ad
 
 from .discretization import decoder_nll, nats_to_bits_per_dim, validate_images
+from .models.schedule_monotone import MonotoneSchedule
 from .scheduling_vdm import VDMScheduler, alpha_sigma, alpha_sigma_squared, expand_to, linear_gamma, schedule_dtype
 
 
@@ -61,8 +62,11 @@ class DiffEncObjective(nn.Module):
     The negative ELBO of a VDM (`encoder_type="none"`), a non-trainable DiffEnc (`"nontrainable"`) or a trainable
     DiffEnc (`"trainable"`, with an encoder network), as set by the scheduler's `encoder_type`.
 
-    The module holds the denoiser, the encoder (if any) and, for `schedule="learned_linear"`, the two trainable
-    schedule endpoints `gamma_min` and `gamma_max` (float32 parameters; gamma itself is computed in float64).
+    The module holds the denoiser, the encoder (if any), for `schedule="learned_linear"` (and `"learned_monotone"`
+    with `learn_endpoints`) the two trainable schedule endpoints `gamma_min` and `gamma_max`, and for
+    `"learned_monotone"` the schedule's weights `monotone_schedule` (float32 parameters; gamma itself is computed
+    in float64). In continuous time the monotone weights are trained to minimise the variance of the loss
+    estimate (see :meth:`continuous_diffusion_nats`); in discrete time, where the loss depends on them, by the loss.
     Calling it on a batch of 8-bit images returns per-image bits per dimension; ``output.loss.backward()``
     trains every part, including the encoder through d y_phi / d gamma (a forward-mode derivative).
 
@@ -108,12 +112,14 @@ class DiffEncObjective(nn.Module):
         self.encoder = encoder
         self.scheduler = scheduler
         self.num_timesteps = num_timesteps
-        if scheduler.config.schedule == "learned_linear":
+        if scheduler.learns_endpoints:
             self.gamma_min = nn.Parameter(torch.tensor(float(scheduler.config.gamma_min)))
             self.gamma_max = nn.Parameter(torch.tensor(float(scheduler.config.gamma_max)))
         else:
             self.gamma_min = None
             self.gamma_max = None
+        is_monotone = scheduler.config.schedule == "learned_monotone"
+        self.monotone_schedule = MonotoneSchedule.from_scheduler(scheduler) if is_monotone else None
 
     @property
     def encoder_type(self) -> str:
@@ -121,28 +127,56 @@ class DiffEncObjective(nn.Module):
         return self.scheduler.config.encoder_type
 
     def gamma(self, t: torch.Tensor) -> torch.Tensor:
-        """gamma(t) in float64 (float32 on MPS): the scheduler's, or the learned endpoints' linear schedule."""
-        if self.gamma_min is None:
-            return self.scheduler.gamma(t)
-        dtype = schedule_dtype(t.device)
-        return linear_gamma(t.to(dtype), self.gamma_min.to(dtype), self.gamma_max.to(dtype))
+        """gamma(t) in float64 (float32 on MPS), shape of ``t``: the scheduler's formula with the current (learned)
+        schedule parameters, differentiable in them."""
+        return self._gamma_and_derivative(t)[0]
 
     def gamma_derivative(self, t: torch.Tensor) -> torch.Tensor:
-        """d gamma / dt at t, shape of ``t`` (differentiable in the learned endpoints)."""
-        if self.gamma_min is None:
-            return self.scheduler.gamma_derivative(t)
+        """d gamma / dt at t, like :meth:`gamma`."""
+        return self._gamma_and_derivative(t)[1]
+
+    def _gamma_and_derivative(
+        self, t: torch.Tensor, per_sample: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """(gamma(t), d gamma / dt, the monotone schedule's weights as used, or ``None``) in float64.
+
+        Without trainable schedule parameters this is the scheduler's own computation. ``per_sample`` expands the
+        monotone weights to one copy per element of ``t`` (see :meth:`MonotoneSchedule.forward`).
+        """
+        if self.gamma_min is None and self.monotone_schedule is None:
+            return (*self.scheduler.gamma_and_derivative(t), None)
         dtype = schedule_dtype(t.device)
-        return (self.gamma_max.to(dtype) - self.gamma_min.to(dtype)).expand(t.shape)
+        t = t.to(dtype)
+        if self.gamma_min is None:
+            gamma_min, gamma_max = self.scheduler.config.gamma_min, self.scheduler.config.gamma_max
+        else:
+            gamma_min, gamma_max = self.gamma_min.to(dtype), self.gamma_max.to(dtype)
+        if self.monotone_schedule is not None:
+            return self.monotone_schedule(t, gamma_min, gamma_max, per_sample=per_sample)
+        return linear_gamma(t, gamma_min, gamma_max), (gamma_max - gamma_min).expand(t.shape), None
 
     def export_scheduler(self) -> VDMScheduler:
-        """A copy of the scheduler whose `gamma_min` / `gamma_max` are the current (learned) endpoints."""
-        if self.gamma_min is None:
-            return VDMScheduler.from_config(self.scheduler.config)
-        return VDMScheduler.from_config(
-            self.scheduler.config, gamma_min=float(self.gamma_min.detach()), gamma_max=float(self.gamma_max.detach())
-        )
+        """A copy of the scheduler whose config holds the current (learned) schedule parameters: the endpoints
+        `gamma_min` / `gamma_max` and, for `learned_monotone`, the `monotone_*` weights."""
+        overrides = {}
+        if self.gamma_min is not None:
+            overrides.update(gamma_min=float(self.gamma_min.detach()), gamma_max=float(self.gamma_max.detach()))
+        if self.monotone_schedule is not None:
+            overrides.update(self.monotone_schedule.config_values())
+        return VDMScheduler.from_config(self.scheduler.config, **overrides)
 
-    def encode(self, x: torch.Tensor, gamma: torch.Tensor, with_derivative: bool = False) -> Encoding:
+    @property
+    def is_class_conditional(self) -> bool:
+        """Whether the denoiser or the encoder takes class labels (their config's `num_class_embeds` is set)."""
+        return any(_num_classes(model) is not None for model in (self.unet, self.encoder))
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        gamma: torch.Tensor,
+        with_derivative: bool = False,
+        class_labels: torch.Tensor | None = None,
+    ) -> Encoding:
         """The encoded data x_phi(x, t) at gamma = gamma_t, and optionally d x_phi / d gamma.
 
         none:          x_phi = x,                       d x_phi / d gamma = 0
@@ -157,6 +191,7 @@ class DiffEncObjective(nn.Module):
             x: data as grid values in (-1, 1), shape (B, C, H, W).
             gamma: shape (B,), float64.
             with_derivative: also return d x_phi / d gamma (``None`` for VDM, where it is 0).
+            class_labels: shape (B,), for a class-conditional encoder (ignored by an unconditional one).
         """
         if self.encoder_type == "none":
             return Encoding(x, None, None)
@@ -168,13 +203,15 @@ class DiffEncObjective(nn.Module):
         if with_derivative:
             with forward_ad.dual_level():
                 dual_gamma = forward_ad.make_dual(gamma_in, torch.ones_like(gamma_in))
-                y, dy = forward_ad.unpack_dual(self.encoder(x, dual_gamma).sample)
+                y, dy = forward_ad.unpack_dual(
+                    self.encoder(x, dual_gamma, **_labels_for(self.encoder, class_labels)).sample
+                )
             y = y.to(x.dtype)
             # An encoder whose output does not depend on gamma has no tangent: dy / dgamma = 0.
             dy = torch.zeros_like(y) if dy is None else dy.to(x.dtype)
             derivative = sigma_sq * alpha_sq * (y - x) + sigma_sq * dy
         else:
-            y = self.encoder(x, gamma_in).sample.to(x.dtype)
+            y = self.encoder(x, gamma_in, **_labels_for(self.encoder, class_labels)).sample.to(x.dtype)
             derivative = None
         return Encoding(alpha_sq * x + sigma_sq * y, derivative, y)
 
@@ -185,6 +222,7 @@ class DiffEncObjective(nn.Module):
         noise: torch.Tensor | None = None,
         recon_noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        class_labels: torch.Tensor | None = None,
     ) -> DiffEncObjectiveOutput:
         """Per-image negative ELBO in bits per dimension.
 
@@ -197,6 +235,9 @@ class DiffEncObjective(nn.Module):
             noise: eps for z_t, shape of ``images``; default standard normal.
             recon_noise: eps_0 for the reconstruction term's z_0, shape of ``images``; default standard normal.
             generator: random generator for whatever of ``t``, ``noise`` and ``recon_noise`` is not given.
+            class_labels: integer labels of shape (B,) for a class-conditional model (the denoiser's or the
+                encoder's `num_class_embeds` set), giving the conditional ELBO -log p(x | c); label K is the
+                null class of a model with `null_class`. Must be None for an unconditional model.
         """
         x = self._check_images(images)
         batch = x.shape[0]
@@ -204,13 +245,14 @@ class DiffEncObjective(nn.Module):
         t = self._check_or_sample_t(t, batch, device, generator)
         noise = self._check_or_sample_noise(noise, "noise", x, generator)
         recon_noise = self._check_or_sample_noise(recon_noise, "recon_noise", x, generator)
+        class_labels = self._check_class_labels(class_labels, batch, device)
         num_dims = x[0].numel()
 
-        loss_recon, loss_klz = self.recon_and_prior_nats(x, recon_noise)
+        loss_recon, loss_klz = self.recon_and_prior_nats(x, recon_noise, class_labels)
         if self.num_timesteps is None:
-            loss_diff = self.continuous_diffusion_nats(x, t, noise)
+            loss_diff = self.continuous_diffusion_nats(x, t, noise, class_labels)
         else:
-            t, loss_diff = self.discrete_diffusion_nats(x, t, noise)
+            t, loss_diff = self.discrete_diffusion_nats(x, t, noise, class_labels)
 
         loss_recon, loss_klz, loss_diff = (
             nats_to_bits_per_dim(v, num_dims).to(x.dtype) for v in (loss_recon, loss_klz, loss_diff)
@@ -220,7 +262,9 @@ class DiffEncObjective(nn.Module):
             loss=bpd.mean(), bpd=bpd, loss_recon=loss_recon, loss_klz=loss_klz, loss_diff=loss_diff, t=t
         )
 
-    def recon_and_prior_nats(self, x: torch.Tensor, recon_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def recon_and_prior_nats(
+        self, x: torch.Tensor, recon_noise: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction -log p(x | z_0) and prior KL(q(z_1 | x) || N(0, I)), per image, in nats.
 
         Reconstruction: z0r = z_0 / alpha_0 = x_phi(x, 0) + exp(gamma_0 / 2) eps_0, decoded over the 256 grid values.
@@ -229,7 +273,8 @@ class DiffEncObjective(nn.Module):
         batch = x.shape[0]
         ends = torch.cat([torch.zeros(batch, device=x.device), torch.ones(batch, device=x.device)])
         gamma_ends = self.gamma(ends)
-        x_phi_0, x_phi_1 = self.encode(torch.cat([x, x]), gamma_ends).x_phi.split(batch)
+        encoding = self.encode(torch.cat([x, x]), gamma_ends, class_labels=_twice(class_labels))
+        x_phi_0, x_phi_1 = encoding.x_phi.split(batch)
         gamma_0, gamma_1 = gamma_ends[0], gamma_ends[-1]
 
         z0_rescaled = x_phi_0 + torch.exp(0.5 * gamma_0).to(x.dtype) * recon_noise
@@ -241,24 +286,38 @@ class DiffEncObjective(nn.Module):
         loss_klz = 0.5 * (alpha_sq_1 * mean_sq + num_dims * (sigma_sq_1 - F.logsigmoid(gamma_1) - 1.0))
         return loss_recon, loss_klz
 
-    def continuous_diffusion_nats(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def continuous_diffusion_nats(
+        self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Continuous-time (T = infinity) diffusion loss per image, in nats:
 
         L = 0.5 gamma'(t) e^{-gamma_t} || x_hat - x_phi + d x_phi / d gamma + sigma_t^2 x_hat ||^2,
         with the last two terms absent for VDM (where it equals 0.5 gamma' || eps - eps_hat ||^2).
+
+        Learned monotone schedule: E_t[L] depends on gamma only through its ends, so the weights of its interior
+        get no ELBO gradient but the variance gradient, d/dw mean_i(L_i^2) (L_i in bits/dim): gradient hooks on
+        their per-image copies scale image i's gradient by 2 L_i (VDM paper, Appendix on variance minimisation).
+        The endpoints and the networks keep the gradient of the loss itself.
         """
-        gamma_t = self.gamma(t)
-        encoding = self.encode(x, gamma_t, with_derivative=True)
-        x_hat = self._denoise(encoding.x_phi, noise, gamma_t)
+        variance_gradient = self.monotone_schedule is not None and torch.is_grad_enabled()
+        gamma_t, dgamma_dt, interior = self._gamma_and_derivative(t, per_sample=variance_gradient)
+        encoding = self.encode(x, gamma_t, with_derivative=True, class_labels=class_labels)
+        x_hat = self._denoise(encoding.x_phi, noise, gamma_t, class_labels)
         residual = x_hat - encoding.x_phi
         if encoding.dx_phi_dgamma is not None:
             sigma_sq = expand_to(torch.sigmoid(gamma_t), x).to(x.dtype)
             residual = residual + encoding.dx_phi_dgamma + sigma_sq * x_hat
-        weight = 0.5 * self.gamma_derivative(t) * torch.exp(-gamma_t)
-        return weight * (residual.flatten(1) ** 2).sum(1)
+        weight = 0.5 * dgamma_dt * torch.exp(-gamma_t)
+        loss = weight * (residual.flatten(1) ** 2).sum(1)
+        if variance_gradient:
+            scale = 2.0 * nats_to_bits_per_dim(loss.detach(), x[0].numel())
+            for param in interior:
+                if param.requires_grad:
+                    param.register_hook(lambda grad: grad * expand_to(scale, grad).to(grad.dtype))
+        return loss
 
     def discrete_diffusion_nats(
-        self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+        self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, class_labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """T-step diffusion loss per image, in nats: T times the KL of one step, from t_i = (i + 1) / T to s = i / T.
 
@@ -275,8 +334,8 @@ class DiffEncObjective(nn.Module):
         t_end = (step + 1) / num_steps
         gamma_both = self.gamma(torch.cat([t_end, step / num_steps]))
         gamma_t, gamma_s = gamma_both.split(batch)
-        m_t, m_s = self.encode(torch.cat([x, x]), gamma_both).x_phi.split(batch)
-        x_hat_t = self._denoise(m_t, noise, gamma_t)
+        m_t, m_s = self.encode(torch.cat([x, x]), gamma_both, class_labels=_twice(class_labels)).x_phi.split(batch)
+        x_hat_t = self._denoise(m_t, noise, gamma_t, class_labels)
 
         delta = gamma_s - gamma_t
         expm1_delta = torch.expm1(delta)
@@ -290,11 +349,14 @@ class DiffEncObjective(nn.Module):
         kl = 0.5 * num_dims * (math.log(w) + 1.0 / w - 1.0) + kl / w
         return t_end, num_steps * kl
 
-    def _denoise(self, x_phi: torch.Tensor, noise: torch.Tensor, gamma_t: torch.Tensor) -> torch.Tensor:
+    def _denoise(
+        self, x_phi: torch.Tensor, noise: torch.Tensor, gamma_t: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x_hat at z_t = alpha_t x_phi + sigma_t eps, from the denoiser (run in its own, possibly autocast, dtype)."""
         alpha, sigma = (expand_to(v, x_phi).to(x_phi.dtype) for v in alpha_sigma(gamma_t))
         z_t = alpha * x_phi + sigma * noise
-        model_output = self.unet(z_t, gamma_t.to(x_phi.dtype)).sample.to(x_phi.dtype)
+        labels = _labels_for(self.unet, class_labels)
+        model_output = self.unet(z_t, gamma_t.to(x_phi.dtype), **labels).sample.to(x_phi.dtype)
         return self.scheduler.predict_original_sample(model_output, z_t, gamma_t)
 
     def _compute_dtype(self) -> torch.dtype:
@@ -327,6 +389,26 @@ class DiffEncObjective(nn.Module):
             raise ValueError(f"`t` must hold times in [0, 1], got values in [{t.min().item()}, {t.max().item()}].")
         return t
 
+    def _check_class_labels(
+        self, class_labels: torch.Tensor | None, batch: int, device: torch.device
+    ) -> torch.Tensor | None:
+        if not self.is_class_conditional:
+            if class_labels is not None:
+                raise ValueError(
+                    "`class_labels` were given, but neither the denoiser nor the encoder is class-conditional "
+                    "(their `num_class_embeds` is None)."
+                )
+            return None
+        if class_labels is None:
+            raise ValueError(
+                "This model is class-conditional (`num_class_embeds` is set): pass `class_labels` of shape "
+                f"({batch},) for the conditional ELBO."
+            )
+        if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (batch,):
+            shape = tuple(class_labels.shape) if isinstance(class_labels, torch.Tensor) else type(class_labels).__name__
+            raise ValueError(f"`class_labels` must be an integer tensor of shape ({batch},), got {shape}.")
+        return class_labels.to(device)
+
     @staticmethod
     def _check_or_sample_noise(
         noise: torch.Tensor | None, name: str, x: torch.Tensor, generator: torch.Generator | None
@@ -336,3 +418,18 @@ class DiffEncObjective(nn.Module):
         if noise.shape != x.shape:
             raise ValueError(f"`{name}` must have the images' shape {tuple(x.shape)}, got {tuple(noise.shape)}.")
         return noise.to(x.dtype)
+
+
+def _num_classes(model: nn.Module | None) -> int | None:
+    """The `num_class_embeds` of a model's config (None: unconditional, or no such config)."""
+    return getattr(getattr(model, "config", None), "num_class_embeds", None)
+
+
+def _labels_for(model: nn.Module, class_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """``{"class_labels": labels}`` for a class-conditional model, ``{}`` for an unconditional one."""
+    return {"class_labels": class_labels} if _num_classes(model) is not None else {}
+
+
+def _twice(class_labels: torch.Tensor | None) -> torch.Tensor | None:
+    """The labels of a batch concatenated with itself (the two-time evaluations), or None."""
+    return None if class_labels is None else torch.cat([class_labels, class_labels])

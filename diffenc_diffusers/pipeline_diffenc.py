@@ -34,6 +34,7 @@ from .hub import (
     upload_pipeline_folder,
 )
 from .models import DiffEncEncoderModel, VDMUNetModel
+from .models.class_embedding import check_class_labels
 from .objective import DiffEncObjective
 from .scheduling_vdm import VDMScheduler
 
@@ -138,6 +139,8 @@ class DiffEncPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         eta: float = 1.0,
+        class_labels: torch.Tensor | list[int] | None = None,
+        guidance_scale: float = 1.0,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Sample images: z_1 ~ N(0, I), `num_inference_steps` reverse steps on the even time grid from t = 1 to
@@ -169,6 +172,13 @@ class DiffEncPipeline(DiffusionPipeline):
             return_dict (`bool`, defaults to `True`): Return an [`ImagePipelineOutput`] instead of a tuple.
             eta (`float`, defaults to 1.0): 1 for ancestral sampling, 0 for the deterministic sampler; in
                 [0, 1].
+            class_labels (`torch.Tensor` or `list[int]` of length `batch_size`, *optional*): The class of each
+                image, for a class-conditional denoiser (`num_class_embeds` set; required there, refused
+                otherwise).
+            guidance_scale (`float`, defaults to 1.0): Classifier-free guidance: the denoiser's output is
+                out(null) + s (out(c) - out(null)) with s = `guidance_scale` and the null class of a denoiser
+                with `null_class=True`. 1 is the conditional model itself (one network call per step); other
+                values cost two.
 
         Example:
 
@@ -196,13 +206,19 @@ class DiffEncPipeline(DiffusionPipeline):
             raise ValueError(f"`eta` must be a float in [0, 1] (1: ancestral, 0: deterministic), got {eta!r}.")
 
         device = self._execution_device
+        labels = self._sampling_labels(class_labels, guidance_scale, batch_size, device)
         latent_dtype = torch.promote_types(self.unet.dtype, torch.float32)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         sample = randn_tensor((batch_size, *self.image_shape), generator=generator, device=device, dtype=latent_dtype)
         for t in self.progress_bar(self.scheduler.timesteps):
             gamma_t = self.scheduler.gamma(t).to(latent_dtype).expand(batch_size)
             with self._network_autocast(device):
-                model_output = self.unet(sample, gamma_t).sample.to(latent_dtype)
+                if guidance_scale == 1.0:
+                    model_output = self.unet(sample, gamma_t, **labels).sample.to(latent_dtype)
+                else:
+                    both = self.unet(torch.cat([sample, sample]), torch.cat([gamma_t, gamma_t]), **labels).sample
+                    conditional, unconditional = both.to(latent_dtype).chunk(2)
+                    model_output = unconditional + guidance_scale * (conditional - unconditional)
             sample = self.scheduler.step(model_output, t, sample, generator=generator, eta=eta).prev_sample
 
         images = grid_to_uint8(sample).to(torch.float32) / 255.0
@@ -216,6 +232,44 @@ class DiffEncPipeline(DiffusionPipeline):
             return (images,)
         return ImagePipelineOutput(images=images)
 
+    def _sampling_labels(
+        self, class_labels: Any, guidance_scale: float, batch_size: int, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """The denoiser's ``class_labels`` keyword for sampling ({} for an unconditional denoiser); with guidance
+        (scale != 1) the labels followed by as many null labels."""
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            raise TypeError(f"`guidance_scale` must be a float, got {guidance_scale!r}.")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"`guidance_scale` must be finite, got {guidance_scale}.")
+        num_classes = self.unet.config.get("num_class_embeds")
+        if num_classes is None:
+            if class_labels is not None or guidance_scale != 1.0:
+                raise ValueError(
+                    "`class_labels` and `guidance_scale` need a class-conditional denoiser; this one is "
+                    "unconditional (`num_class_embeds=None`)."
+                )
+            return {}
+        if class_labels is None:
+            raise ValueError(
+                f"This denoiser is class-conditional (`num_class_embeds={num_classes}`): pass `class_labels`, one "
+                f"label per image ({batch_size})."
+            )
+        labels = torch.as_tensor(class_labels, device=device)
+        if labels.shape != (batch_size,):
+            raise ValueError(
+                f"`class_labels` must hold one label per image, shape ({batch_size},); got {tuple(labels.shape)}. "
+                "Pass batch_size=len(class_labels)."
+            )
+        check_class_labels(labels, batch_size, num_classes, self.unet.config.get("null_class", False))
+        if guidance_scale != 1.0:
+            if not self.unet.config.get("null_class", False):
+                raise ValueError(
+                    f"`guidance_scale={guidance_scale}` needs a denoiser with a null class (`null_class=True`); "
+                    "this one has none. Use guidance_scale=1.0 (the conditional model)."
+                )
+            labels = torch.cat([labels, torch.full_like(labels, num_classes)])
+        return {"class_labels": labels}
+
     @torch.no_grad()
     def bits_per_dim(
         self,
@@ -226,6 +280,7 @@ class DiffEncPipeline(DiffusionPipeline):
         image_column: str | None = None,
         show_progress: bool = True,
         return_dict: bool = True,
+        class_labels: torch.Tensor | None = None,
     ) -> DiffEncLikelihoodOutput | tuple:
         r"""
         Per-image negative ELBO of 8-bit images, in bits per dimension, with each of its three terms.
@@ -254,6 +309,9 @@ class DiffEncPipeline(DiffusionPipeline):
             show_progress (`bool`, defaults to `True`): Show a progress bar over batches.
             return_dict (`bool`, defaults to `True`): Return a [`DiffEncLikelihoodOutput`] instead of the
                 tuple `(bpd, loss_recon, loss_klz, loss_diff)`.
+            class_labels (`torch.Tensor` of shape `(N,)`, *optional*): Integer labels of the images for a
+                class-conditional model: the result is the conditional ELBO -log p(x | c). Only with a uint8
+                tensor of images; required for a class-conditional model, refused for an unconditional one.
 
         Returns:
             [`DiffEncLikelihoodOutput`] or `tuple`: per-image float32 CPU tensors of shape `(N,)`, in
@@ -277,6 +335,7 @@ class DiffEncPipeline(DiffusionPipeline):
             raise TypeError(f"`generator` must be a single torch.Generator or None, got {type(generator).__name__}.")
         objective = DiffEncObjective(self.unet, self.scheduler, encoder=self.encoder, num_timesteps=num_timesteps)
         batches = _image_batches(images, batch_size, image_column, self.image_shape)
+        label_batches = self._likelihood_labels(objective, images, class_labels, batch_size)
 
         device = self._execution_device
         autocast = self._network_autocast(device)
@@ -286,9 +345,10 @@ class DiffEncPipeline(DiffusionPipeline):
         try:
             for module in networks:
                 module.eval()
-            for batch in self.progress_bar(batches) if show_progress else batches:
+            for index, batch in enumerate(self.progress_bar(batches) if show_progress else batches):
+                labels = None if label_batches is None else label_batches[index].to(device)
                 with autocast:
-                    output = objective(batch.to(device), generator=generator)
+                    output = objective(batch.to(device), generator=generator, class_labels=labels)
                 for name, values in terms.items():
                     values.append(getattr(output, name).detach().to("cpu", torch.float32))
         finally:
@@ -302,6 +362,27 @@ class DiffEncPipeline(DiffusionPipeline):
         if not return_dict:
             return result.to_tuple()
         return result
+
+    @staticmethod
+    def _likelihood_labels(
+        objective: DiffEncObjective, images: Any, class_labels: torch.Tensor | None, batch_size: int
+    ) -> list[torch.Tensor] | None:
+        """The labels split like a tensor of images into batches (None for an unconditional model)."""
+        if not objective.is_class_conditional:
+            if class_labels is not None:
+                raise ValueError("`class_labels` were given, but this pipeline's models are unconditional.")
+            return None
+        if class_labels is None:
+            raise ValueError("This pipeline is class-conditional: pass `class_labels`, one label per image.")
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(
+                "For a class-conditional pipeline pass the images as a uint8 tensor (N, C, H, W) and their "
+                f"`class_labels` as a tensor (N,); got images of type {type(images).__name__}."
+            )
+        if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (images.shape[0],):
+            shape = tuple(class_labels.shape) if isinstance(class_labels, torch.Tensor) else type(class_labels).__name__
+            raise ValueError(f"`class_labels` must be a tensor of shape ({images.shape[0]},), got {shape}.")
+        return list(class_labels.split(batch_size))
 
     def _network_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         """Autocast to the networks' float16/bfloat16 (a no-op for float32/float64 networks).

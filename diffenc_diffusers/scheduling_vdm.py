@@ -18,7 +18,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .discretization import grid_to_index, index_to_grid
 
-SCHEDULES = ("fixed_linear", "learned_linear")
+SCHEDULES = ("fixed_linear", "learned_linear", "learned_monotone")
+MONOTONE_KEYS = ("monotone_l2_weight", "monotone_l2_bias", "monotone_l3_weight")
+DEFAULT_MONOTONE_FEATURES = 16
 PREDICTION_TYPES = ("v_prediction", "epsilon")
 ENCODER_TYPES = ("none", "nontrainable", "trainable")
 
@@ -31,6 +33,58 @@ def schedule_dtype(device: torch.device | str | None) -> torch.dtype:
 def linear_gamma(t: torch.Tensor, gamma_min: torch.Tensor | float, gamma_max: torch.Tensor | float) -> torch.Tensor:
     """gamma(t) = gamma_min + (gamma_max - gamma_min) t, the fixed and the learned linear schedule."""
     return gamma_min + (gamma_max - gamma_min) * t
+
+
+def monotone_gamma(
+    t: torch.Tensor,
+    gamma_min: torch.Tensor | float,
+    gamma_max: torch.Tensor | float,
+    l2_weight: torch.Tensor,
+    l2_bias: torch.Tensor,
+    l3_weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""(gamma(t), d gamma / dt) of the learned monotone schedule, whose ends are exactly gamma_min and gamma_max.
+
+    A monotone network in the manner of VDM's NNet schedule, l(t) = t + sum_j |w3_j| sigmoid(|w2_j| t + b2_j)
+    (positive weights; the first layer's affine map of t is absorbed by the normalisation below, which leaves
+    only its scale relative to w3, fixed here at 1), is normalised to run from 0 to 1:
+
+        u(t) = (l(t) - l(0)) / (l(1) - l(0)),   gamma(t) = gamma_min + (gamma_max - gamma_min) u(t),
+        d gamma / dt = (gamma_max - gamma_min) l'(t) / (l(1) - l(0)),  l'(t) = 1 + sum_j |w3_j| |w2_j| s_j (1 - s_j).
+
+    l' >= 1, so gamma is strictly increasing. The differences l(t) - l(0) and l(1) - l(t) are sums of per-feature
+    differences of identical sigmoid evaluations at the ends, so gamma(0) = gamma_min and gamma(1) = gamma_max hold
+    exactly, in any dtype (for t <= the midpoint gamma is computed from gamma_min, beyond it from gamma_max).
+    Zero w3 gives the linear schedule.
+
+    Args:
+        t: times in [0, 1], any shape S.
+        gamma_min, gamma_max: the ends, floats or tensors broadcasting against S.
+        l2_weight, l2_bias, l3_weight: w2, b2, w3 of shape (n,), or S + (n,) for per-sample copies.
+
+    Returns:
+        gamma and its time derivative, each of shape S.
+    """
+    w2, w3 = l2_weight.abs(), l3_weight.abs()
+    s_t = torch.sigmoid(w2 * t.unsqueeze(-1) + l2_bias)
+    s_0, s_1 = torch.sigmoid(l2_bias), torch.sigmoid(w2 + l2_bias)
+    rise = t + (w3 * (s_t - s_0)).sum(-1)  # l(t) - l(0)
+    remaining = (1.0 - t) + (w3 * (s_1 - s_t)).sum(-1)  # l(1) - l(t)
+    total = 1.0 + (w3 * (s_1 - s_0)).sum(-1)  # l(1) - l(0)
+    slope = 1.0 + (w3 * w2 * s_t * (1.0 - s_t)).sum(-1)  # l'(t)
+    span = gamma_max - gamma_min
+    gamma = torch.where(rise <= remaining, gamma_min + span * (rise / total), gamma_max - span * (remaining / total))
+    return gamma, span * slope / total
+
+
+def default_monotone_parameters(num_features: int) -> dict[str, list[float]]:
+    """The initial w2, b2, w3 of the monotone schedule: n sigmoid steps of slope 10 centred at (j + 1/2) / n,
+    weighted 1 / n (a near-linear start). Values are rounded to float32, the dtype of the trainable copies, so
+    that a fresh scheduler and the objective built from it give the same gamma."""
+    centres = (torch.arange(num_features, dtype=torch.float64) + 0.5) / num_features
+    weight = torch.full((num_features,), 10.0, dtype=torch.float64)
+    values = (weight, -weight * centres, torch.full((num_features,), 1.0 / num_features, dtype=torch.float64))
+    return {key: value.to(torch.float32).tolist() for key, value in zip(MONOTONE_KEYS, values, strict=True)}
 
 
 def alpha_sigma_squared(gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +103,52 @@ def expand_to(coefficient: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
     if coefficient.ndim == 0:
         return coefficient
     return coefficient.reshape(coefficient.shape + (1,) * (reference.ndim - coefficient.ndim))
+
+
+def _checked_monotone_config(
+    learn_endpoints: bool | None, num_features: int | None, parameters: dict[str, list[float] | None]
+) -> dict:
+    """The complete config of a learned monotone schedule: the given values, checked, with defaults filled in.
+
+    ``learn_endpoints`` defaults to True; the three parameter lists are all given (equal lengths, finite numbers)
+    or all None, then :func:`default_monotone_parameters` of ``num_features`` (default 16) features.
+    """
+    if learn_endpoints is None:
+        learn_endpoints = True
+    if not isinstance(learn_endpoints, bool):
+        raise TypeError(f"`learn_endpoints` must be a bool or None, got {learn_endpoints!r}.")
+    if num_features is not None and (isinstance(num_features, bool) or not isinstance(num_features, int)):
+        raise TypeError(f"`monotone_num_features` must be a positive int or None, got {num_features!r}.")
+    if num_features is not None and num_features < 1:
+        raise ValueError(f"`monotone_num_features` must be a positive int or None, got {num_features}.")
+    missing = [name for name, value in parameters.items() if value is None]
+    if len(missing) == len(parameters):
+        num_features = num_features or DEFAULT_MONOTONE_FEATURES
+        parameters = default_monotone_parameters(num_features)
+    elif missing:
+        raise ValueError(
+            f"{', '.join(f'`{name}`' for name in missing)} missing: the monotone schedule's parameters "
+            f"{list(MONOTONE_KEYS)} are given all together, or none of them (a fresh initialisation)."
+        )
+    else:
+        for name, value in parameters.items():
+            if (
+                not isinstance(value, (list, tuple))
+                or not value
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            ):
+                raise TypeError(f"`{name}` must be a non-empty list of finite floats, got {value!r}.")
+        lengths = {name: len(value) for name, value in parameters.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"The monotone schedule's parameter lists must have one length, got {lengths}.")
+        length = len(parameters["monotone_l2_weight"])
+        if num_features is not None and num_features != length:
+            raise ValueError(
+                f"`monotone_num_features` is {num_features} but the parameter lists have {length} entries."
+            )
+        num_features = length
+        parameters = {name: [float(v) for v in value] for name, value in parameters.items()}
+    return {"learn_endpoints": learn_endpoints, "monotone_num_features": num_features, **parameters}
 
 
 class _StepCoefficients(NamedTuple):
@@ -91,7 +191,8 @@ class VDMScheduler(SchedulerMixin, ConfigMixin):
     r"""
     Continuous-time variance-preserving scheduler of VDM (Kingma et al., 2021) and DiffEnc (Nielsen et al., 2024).
 
-    The schedule is gamma(t) = -log SNR(t) = gamma_min + (gamma_max - gamma_min) t for t in [0, 1], with
+    The schedule is gamma(t) = -log SNR(t) = gamma_min + (gamma_max - gamma_min) t for t in [0, 1] (or, for
+    `schedule="learned_monotone"`, the monotone network of :func:`monotone_gamma` between the same exact ends), with
     alpha_t^2 = sigmoid(-gamma_t) and sigma_t^2 = sigmoid(gamma_t). Sampling runs the ancestral sampler of the
     generative model from t = 1 to t = 0 on an even time grid and decodes z_0 to 8-bit grid values. For
     DiffEnc, whose forward process runs on an encoding x_phi(x, t) of the data, the step includes the
@@ -103,8 +204,10 @@ class VDMScheduler(SchedulerMixin, ConfigMixin):
         gamma_max (`float`, defaults to 5.0):
             gamma at t = 1. Must be larger than `gamma_min`.
         schedule (`str`, defaults to `"fixed_linear"`):
-            `"fixed_linear"`, or `"learned_linear"` (both endpoints were trained; the trained values are stored
-            in `gamma_min` and `gamma_max`, so sampling with either kind is the same computation).
+            `"fixed_linear"`, `"learned_linear"` (both endpoints were trained; the trained values are stored
+            in `gamma_min` and `gamma_max`, so sampling with either kind is the same computation), or
+            `"learned_monotone"` (gamma is the monotone network of :func:`monotone_gamma`, running from exactly
+            `gamma_min` to exactly `gamma_max`; its weights are the `monotone_*` entries below).
         prediction_type (`str`, defaults to `"v_prediction"`):
             What the denoiser predicts: `"v_prediction"` (v = alpha_t eps - sigma_t x_phi) or `"epsilon"`.
         encoder_type (`str`, defaults to `"none"`):
@@ -114,6 +217,15 @@ class VDMScheduler(SchedulerMixin, ConfigMixin):
         variance_weight (`float`, defaults to 1.0):
             w in DESIGN.md: the generative variance is w times the true posterior variance. 1 is the ELBO-optimal
             ancestral sampler; it must be positive.
+        learn_endpoints (`bool`, *optional*):
+            `learned_monotone` only: whether training learns `gamma_min` and `gamma_max` (`True`, the default, as
+            `learned_linear`) or keeps them at their configured values (`False`).
+        monotone_num_features (`int`, *optional*):
+            `learned_monotone` only: n, the number of sigmoid features; default 16, or the parameter lists' length.
+        monotone_l2_weight, monotone_l2_bias, monotone_l3_weight (`list[float]`, *optional*):
+            `learned_monotone` only: w2, b2 and w3 of :func:`monotone_gamma`, n values each (all three or none;
+            none gives :func:`default_monotone_parameters`). Training stores its learned values here
+            (`DiffEncObjective.export_scheduler`). A constructed scheduler's config always holds all of them.
     """
 
     order = 1
@@ -128,6 +240,11 @@ class VDMScheduler(SchedulerMixin, ConfigMixin):
         prediction_type: str = "v_prediction",
         encoder_type: str = "none",
         variance_weight: float = 1.0,
+        learn_endpoints: bool | None = None,
+        monotone_num_features: int | None = None,
+        monotone_l2_weight: list[float] | None = None,
+        monotone_l2_bias: list[float] | None = None,
+        monotone_l3_weight: list[float] | None = None,
     ):
         for name, value in (("gamma_min", gamma_min), ("gamma_max", gamma_max), ("variance_weight", variance_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -142,6 +259,31 @@ class VDMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`encoder_type` must be one of {list(ENCODER_TYPES)}, got {encoder_type!r}.")
         if variance_weight <= 0:
             raise ValueError(f"`variance_weight` must be positive, got {variance_weight}.")
+        monotone = {
+            "monotone_l2_weight": monotone_l2_weight,
+            "monotone_l2_bias": monotone_l2_bias,
+            "monotone_l3_weight": monotone_l3_weight,
+        }
+        if schedule == "learned_monotone":
+            # The filled-in values are part of the config, not defaults that diffusers may drop in `from_config`.
+            values = _checked_monotone_config(learn_endpoints, monotone_num_features, monotone)
+            defaults = [key for key in self.config.get("_use_default_values", []) if key not in values]
+            self.register_to_config(**values, _use_default_values=defaults)
+        else:
+            given = [
+                name
+                for name, value in (
+                    ("learn_endpoints", learn_endpoints),
+                    ("monotone_num_features", monotone_num_features),
+                    *monotone.items(),
+                )
+                if value is not None
+            ]
+            if given:
+                raise ValueError(
+                    f"{', '.join(f'`{name}`' for name in given)} only apply to schedule='learned_monotone', "
+                    f"got schedule={schedule!r}; leave them unset (None)."
+                )
 
         self.num_inference_steps: int | None = None
         self.time_grid: torch.Tensor | None = None
@@ -162,17 +304,42 @@ class VDMScheduler(SchedulerMixin, ConfigMixin):
     def __len__(self) -> int:
         return self.num_inference_steps or 0
 
+    @property
+    def learns_endpoints(self) -> bool:
+        """Whether training learns gamma_min and gamma_max (`learned_linear`, `learned_monotone` by default)."""
+        return self.config.schedule == "learned_linear" or (
+            self.config.schedule == "learned_monotone" and self.config.learn_endpoints
+        )
+
+    def monotone_parameters(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The monotone schedule's (w2, b2, w3) from the config as tensors of shape (n,) (``None`` for the
+        linear schedules); float64 (float32 on MPS) unless ``dtype`` is given."""
+        if self.config.schedule != "learned_monotone":
+            return None
+        dtype = dtype or schedule_dtype(device)
+        return tuple(torch.tensor(self.config[key], dtype=dtype, device=device) for key in MONOTONE_KEYS)
+
     def gamma(self, t: torch.Tensor | float, device: torch.device | str | None = None) -> torch.Tensor:
         """gamma(t) for t in [0, 1], in float64 (float32 on MPS), on the device of ``t`` (or ``device``)."""
-        t = torch.as_tensor(t, device=device)
-        t = t.to(schedule_dtype(t.device))
-        return linear_gamma(t, self.config.gamma_min, self.config.gamma_max)
+        return self.gamma_and_derivative(t, device)[0]
 
     def gamma_derivative(self, t: torch.Tensor | float, device: torch.device | str | None = None) -> torch.Tensor:
         """d gamma / dt at t (constant gamma_max - gamma_min for the linear schedules), like :meth:`gamma`."""
+        return self.gamma_and_derivative(t, device)[1]
+
+    def gamma_and_derivative(
+        self, t: torch.Tensor | float, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gamma(t), d gamma / dt), both of the shape of ``t``, in float64 (float32 on MPS)."""
         t = torch.as_tensor(t, device=device)
         t = t.to(schedule_dtype(t.device))
-        return torch.full_like(t, self.config.gamma_max - self.config.gamma_min)
+        gamma_min, gamma_max = self.config.gamma_min, self.config.gamma_max
+        monotone = self.monotone_parameters(t.device)
+        if monotone is not None:
+            return monotone_gamma(t, gamma_min, gamma_max, *monotone)
+        return linear_gamma(t, gamma_min, gamma_max), torch.full_like(t, gamma_max - gamma_min)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor | float | None = None) -> torch.Tensor:
         """No input scaling: the denoiser takes z_t as it is. Present for diffusers' scheduler interface."""

@@ -14,6 +14,7 @@ PRESETS = {
     "cifar10-vdmv-32": ("none", "uoft-cs/cifar10", (3, 32, 32)),
     "mnist-diffenc": ("trainable", "ylecun/mnist", (1, 28, 28)),
     "digits-vdm": ("none", "digits", (1, 8, 8)),
+    "digits-vdm-monotone": ("none", "digits", (1, 8, 8)),
     "digits-diffenc-nontrainable": ("nontrainable", "digits", (1, 8, 8)),
     "digits-diffenc-trainable": ("trainable", "digits", (1, 8, 8)),
 }
@@ -40,7 +41,7 @@ def count(module: torch.nn.Module | None) -> int:
     return 0 if module is None else sum(parameter.numel() for parameter in module.parameters())
 
 
-def test_the_six_presets_are_there():
+def test_every_preset_is_listed():
     assert preset_names() == sorted(PRESETS)
 
 

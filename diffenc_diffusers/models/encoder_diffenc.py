@@ -21,6 +21,7 @@ from .blocks import (
     check_int,
     check_sample,
 )
+from .class_embedding import ClassEmbedding, add_class_embedding, check_class_config
 from .embeddings import GammaEmbedding, prepare_gamma
 
 DEFAULT_BLOCK_OUT_CHANNELS = [64, 128]
@@ -187,6 +188,11 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
         norm_num_groups (`int`, defaults to 32): Groups of every GroupNorm.
         gamma_min (`float`, defaults to -13.3): The gamma mapped to ``t = 0`` by the gamma embedding.
         gamma_max (`float`, defaults to 5.0): The gamma mapped to ``t = 1`` by the gamma embedding.
+        num_class_embeds (`int`, *optional*): Number of classes K of a class-conditional model (labels
+            0 .. K - 1 in `forward`'s `class_labels`); `None` (default) for an unconditional model, which has no
+            class parameters. A learned, zero-initialised vector per class is added to the gamma embedding.
+        null_class (`bool`, defaults to `False`): Add the null class, label K, that stands for "no label"
+            (the unconditional model of classifier-free guidance; needs `num_class_embeds`).
     """
 
     @register_to_config
@@ -200,6 +206,8 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
         norm_num_groups: int = 32,
         gamma_min: float = -13.3,
         gamma_max: float = 5.0,
+        num_class_embeds: int | None = None,
+        null_class: bool = False,
     ):
         super().__init__()
         if block_out_channels is None:
@@ -223,6 +231,7 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
             check_int(f"block_out_channels[{index}]", channels, 4 if index == 0 else 1)
             check_group_divisible(f"block_out_channels[{index}]", channels, norm_num_groups)
         check_gamma_range(gamma_min, gamma_max)
+        check_class_config(num_class_embeds, null_class)
         downsample_factor = 2 ** len(block_out_channels)
         if sample_size % downsample_factor != 0:
             raise ValueError(
@@ -269,6 +278,10 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
         self.conv_out = ForwardADConv2d(block_out_channels[0], in_channels, kernel_size=3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        # Created last, so that an unconditional config draws the same initial weights as before.
+        self.class_embedding = (
+            ClassEmbedding(num_class_embeds, temb_channels, null_class) if num_class_embeds is not None else None
+        )
 
     @property
     def downsample_factor(self) -> int:
@@ -277,7 +290,11 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
         return 2 ** len(self.config.block_out_channels)
 
     def forward(
-        self, sample: torch.Tensor, gamma: torch.Tensor | float, return_dict: bool = True
+        self,
+        sample: torch.Tensor,
+        gamma: torch.Tensor | float,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
     ) -> DiffEncEncoderOutput | tuple[torch.Tensor]:
         r"""
         Args:
@@ -287,6 +304,9 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
             gamma (`torch.Tensor` of shape `(batch_size,)` or `()`, or `float`):
                 ``gamma_t = -log SNR(t)`` of each sample (a 0-d tensor or a Python float is shared by the
                 batch). Normalised with the config's `gamma_min`/`gamma_max` in float32 or wider.
+            class_labels (`torch.Tensor` of shape `(batch_size,)` or `()`, *optional*): Integer class labels
+                of a class-conditional model (`num_class_embeds` set): 0 .. K - 1, or K for the null class. Must
+                be `None` for an unconditional model.
             return_dict (`bool`, defaults to `True`): Return a [`DiffEncEncoderOutput`] instead of a tuple.
 
         Returns:
@@ -305,7 +325,7 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
                 f"encoder's pooling factor); got shape {tuple(sample.shape)}."
             )
         gamma = prepare_gamma(gamma, sample.shape[0], sample.device, sample.dtype)
-        temb = self.time_embedding(gamma)
+        temb = add_class_embedding(self.class_embedding, self.time_embedding(gamma), class_labels)
 
         h = self.conv_in(sample)
         skips = []

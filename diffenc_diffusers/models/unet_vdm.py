@@ -20,6 +20,7 @@ from .blocks import (
     check_int,
     check_sample,
 )
+from .class_embedding import ClassEmbedding, add_class_embedding, check_class_config
 from .embeddings import GammaEmbedding, base2_fourier_features, prepare_gamma
 
 
@@ -72,6 +73,11 @@ class VDMUNetModel(ModelMixin, ConfigMixin):
         norm_num_groups (`int`, defaults to 32): Groups of every GroupNorm.
         gamma_min (`float`, defaults to -13.3): The gamma mapped to ``t = 0`` by the gamma embedding.
         gamma_max (`float`, defaults to 5.0): The gamma mapped to ``t = 1`` by the gamma embedding.
+        num_class_embeds (`int`, *optional*): Number of classes K of a class-conditional model (labels
+            0 .. K - 1 in `forward`'s `class_labels`); `None` (default) for an unconditional model, which has no
+            class parameters. A learned, zero-initialised vector per class is added to the gamma embedding.
+        null_class (`bool`, defaults to `False`): Add the null class, label K, that stands for "no label"
+            (the unconditional model of classifier-free guidance; needs `num_class_embeds`).
     """
 
     _supports_gradient_checkpointing = True
@@ -92,6 +98,8 @@ class VDMUNetModel(ModelMixin, ConfigMixin):
         norm_num_groups: int = 32,
         gamma_min: float = -13.3,
         gamma_max: float = 5.0,
+        num_class_embeds: int | None = None,
+        null_class: bool = False,
     ):
         super().__init__()
         check_int("sample_size", sample_size, 1)
@@ -107,6 +115,7 @@ class VDMUNetModel(ModelMixin, ConfigMixin):
         check_int("norm_num_groups", norm_num_groups, 1)
         check_group_divisible("hidden_channels", hidden_channels, norm_num_groups)
         check_gamma_range(gamma_min, gamma_max)
+        check_class_config(num_class_embeds, null_class)
 
         self.fourier_exponents: list[int] = []
         if use_fourier_features:
@@ -147,6 +156,10 @@ class VDMUNetModel(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
+        # Created last, so that an unconditional config draws the same initial weights as before.
+        self.class_embedding = (
+            ClassEmbedding(num_class_embeds, temb_channels, null_class) if num_class_embeds is not None else None
+        )
         self.gradient_checkpointing = False
 
     def _run(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
@@ -156,7 +169,11 @@ class VDMUNetModel(ModelMixin, ConfigMixin):
         return block(*args)
 
     def forward(
-        self, sample: torch.Tensor, gamma: torch.Tensor | float, return_dict: bool = True
+        self,
+        sample: torch.Tensor,
+        gamma: torch.Tensor | float,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
     ) -> VDMUNetOutput | tuple[torch.Tensor]:
         r"""
         Args:
@@ -165,6 +182,9 @@ class VDMUNetModel(ModelMixin, ConfigMixin):
             gamma (`torch.Tensor` of shape `(batch_size,)` or `()`, or `float`):
                 ``gamma_t = -log SNR(t)`` of each sample (a 0-d tensor or a Python float is shared by the
                 batch). Normalised with the config's `gamma_min`/`gamma_max` in float32 or wider.
+            class_labels (`torch.Tensor` of shape `(batch_size,)` or `()`, *optional*): Integer class labels
+                of a class-conditional model (`num_class_embeds` set): 0 .. K - 1, or K for the null class. Must
+                be `None` for an unconditional model.
             return_dict (`bool`, defaults to `True`): Return a [`VDMUNetOutput`] instead of a tuple.
 
         Returns:
@@ -176,7 +196,7 @@ class VDMUNetModel(ModelMixin, ConfigMixin):
         """
         check_sample(sample, self.config.in_channels)
         gamma = prepare_gamma(gamma, sample.shape[0], sample.device, sample.dtype)
-        temb = self.time_embedding(gamma)
+        temb = add_class_embedding(self.class_embedding, self.time_embedding(gamma), class_labels)
 
         h = sample
         if self.fourier_exponents:
