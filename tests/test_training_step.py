@@ -126,3 +126,50 @@ def test_training_step_refuses_other_modules_and_bad_clipping(fresh_accelerator_
     objective = DiffEncObjective(pipe.unet, pipe.scheduler)
     with pytest.raises(ValueError, match="`max_grad_norm` must be positive or None"):
         TrainingStep(accelerator, objective, optimizer, None, max_grad_norm=0.0)
+
+
+def test_monotone_schedule_interior_is_clipped_apart_from_the_networks(fresh_accelerator_state):
+    """The interior's variance gradient is far larger than the networks' ELBO gradient; each group is clipped to
+    the norm on its own (SGD with lr 1, so an update is minus the clipped gradient)."""
+    from accelerate import Accelerator
+
+    from diffenc_diffusers import VDMScheduler, VDMUNetModel
+    from diffenc_diffusers.training.randomness import dropout_seed
+
+    def build() -> DiffEncObjective:
+        torch.manual_seed(0)
+        unet = VDMUNetModel(sample_size=8, in_channels=1, hidden_channels=16, num_layers=1, norm_num_groups=8)
+        torch.nn.init.normal_(unet.conv_out.weight, std=0.05)
+        return DiffEncObjective(unet, VDMScheduler(schedule="learned_monotone"))
+
+    images = load_digits_uint8("train")[:8]
+    reference = build()
+    draws = step_randomness(0, 0, 0, 8, (1, 8, 8), rank=0, per_rank=8)
+    torch.manual_seed(dropout_seed(0, 0, 0, 0))
+    reference(images, t=draws["t"], noise=draws["noise"], recon_noise=draws["recon_noise"]).loss.backward()
+    groups = {
+        interior: [
+            p.grad for name, p in reference.named_parameters() if name.startswith("monotone_schedule.") == interior
+        ]
+        for interior in (False, True)
+    }
+    norms = {
+        interior: torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) for interior, grads in groups.items()
+    }
+    assert norms[True] > 10 * norms[False]
+
+    max_norm = float(norms[False]) / 2
+    objective = build()
+    before = {name: p.detach().clone() for name, p in objective.named_parameters()}
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.SGD(objective.parameters(), lr=1.0)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    prepared, optimizer = accelerator.prepare(objective, optimizer)
+    output = TrainingStep(accelerator, prepared, optimizer, lr_scheduler, max_grad_norm=max_norm)(iter([images]), 0)
+    assert output.grad_norm == pytest.approx(float(norms[False]), rel=1e-5)
+    for interior in (False, True):
+        names = [name for name, _ in objective.named_parameters() if name.startswith("monotone_schedule.") == interior]
+        update = torch.linalg.vector_norm(
+            torch.stack([(before[name] - dict(objective.named_parameters())[name]).norm() for name in names])
+        )
+        assert float(update) == pytest.approx(max_norm, rel=1e-4)
