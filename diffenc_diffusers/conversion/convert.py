@@ -160,7 +160,7 @@ def check_parameters(model: OfficialModel, flat: dict[str, Any], where: str) -> 
 
 def _state_dict(mapping: dict[str, ParameterMapping], flat: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {
-        key: torch.from_numpy(np.ascontiguousarray(to_torch_layout(entry.kind, flat[entry.official_path])))
+        key: torch.from_numpy(np.array(to_torch_layout(entry.kind, flat[entry.official_path]), order="C"))
         for key, entry in mapping.items()
     }
 
