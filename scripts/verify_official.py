@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -72,6 +73,8 @@ VDM_CIFAR10_MODEL = {
 }
 T_SAMPLE = 4
 IMAGE_SHAPE = (32, 32, 3)
+OFFICIAL_MODULES: list = []
+"""The imported official modules that define `dot_product_attention` / `get_timestep_embedding`."""
 
 
 @contextlib.contextmanager
@@ -106,6 +109,11 @@ def import_official(diffenc_root: Path, vdm_root: Path):
         from src.learned_encoder.sigma4_v_nontrainable_enc_model import Sigma4VNT
         from src.training.train_state import EMATrainState
     vdm_package = importlib_module(vdm_root.name)
+    OFFICIAL_MODULES[:] = [
+        importlib_module(name)
+        for name in ("src.nn_models.nn_blocks", "src.nn_models.time_embedding", "src.nn_models.time_embedding_t",
+                     f"{vdm_package.__name__}.model_vdm")
+    ]
     return {
         "classes": {"VDM2_V": VDM2V, "VDM2": VDM2, "S3VA": Sigma3VA, "S4V_NT": Sigma4VNT},
         "save_load_config": save_load_config,
@@ -149,6 +157,26 @@ class RandomRecorder:
         with mock.patch.object(jax.random, "normal", record_normal), \
                 mock.patch.object(jax.random, "uniform", record_uniform):
             yield self
+
+    @contextlib.contextmanager
+    def replaying(self, normal: list, uniform: list):
+        """Make `jax.random.normal` / `uniform` return these arrays, in order (float64 re-evaluation)."""
+        import jax
+        import jax.numpy as jnp
+
+        normal, uniform = list(normal), list(uniform)
+
+        def replay(queue):
+            def draw(key, shape=(), dtype=None, *args, **kwargs):
+                value = queue.pop(0)
+                if tuple(value.shape) != tuple(shape):
+                    raise AssertionError(f"replayed draw of shape {value.shape}, asked for {shape}")
+                return jnp.asarray(value, jnp.float64)
+            return draw
+
+        with mock.patch.object(jax.random, "normal", replay(normal)), \
+                mock.patch.object(jax.random, "uniform", replay(uniform)):
+            yield
 
 
 def diffenc_config(official, config_dir: Path, model_file: str, size: str):
@@ -261,7 +289,7 @@ def check_model(official, name: str, kind: str, size: str, args, record: RandomR
 
     pipe = result.pipeline
     ema = {"params": ema_params}
-    rows = {}
+    rows, references = {}, {}
     t = np.array([0.03, 0.35, 0.62, 0.97][:batch], dtype=np.float32)
     z = jax.random.normal(keys[6], (batch, *IMAGE_SHAPE))
     g_t = model.apply(ema, jnp.asarray(t), method=model.get_gamma if kind == "diffenc" else lambda m, u: m.gamma(u))
@@ -303,10 +331,21 @@ def check_model(official, name: str, kind: str, size: str, args, record: RandomR
             noise=nhwc_to_nchw(eps), recon_noise=nhwc_to_nchw(eps_0),
         )
     nats_per_bpd = math.prod(IMAGE_SHAPE) * math.log(2.0)
+    official_64, ours_64 = float64_elbo(model, ema, images, conditioning, t, kind, record, pipe, keys[7])
     for term in ("loss_recon", "loss_klz", "loss_diff"):
         official_term = np.asarray(getattr(output, term), np.float64).reshape(batch)
         ours_term = getattr(ours_elbo, term).double().numpy() * nats_per_bpd
         rows[f"ELBO {term} (nats)"] = relative_difference(ours_term, official_term, per_row=True)
+        reference = official_64[term]
+        references[f"ELBO {term}: official float32 vs official float64"] = relative_difference(
+            official_term, reference, per_row=True
+        )
+        references[f"ELBO {term}: ours float32 vs official float64"] = relative_difference(
+            ours_term, reference, per_row=True
+        )
+        references[f"ELBO {term}: ours float64 vs official float64"] = relative_difference(
+            ours_64[term], reference, per_row=True
+        )
 
     # Every step of a T-step ancestral chain: both sides start each step from the official z_t.
     scheduler = copy.deepcopy(pipe.scheduler)
@@ -340,7 +379,56 @@ def check_model(official, name: str, kind: str, size: str, args, record: RandomR
         "checkpoint bytes": file_size,
         "seconds": round(time.time() - started, 1),
         "quantities": rows,
+        "float64 references": references,
     }
+
+
+def float64_elbo(model, variables, images, conditioning, t, kind, record, pipe, key):
+    """The ELBO terms (nats) of the official code and of ours, both evaluated in float64 on the float32 run's
+    draws (replayed), to show which side float32 rounding moves where the two float32 results differ.
+
+    The official attention and sinusoidal embedding hard-code float32 as their compute dtype; for this reference
+    only, they are called with dtype float64 (everything else runs unchanged on float64 inputs).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from diffenc_diffusers import DiffEncObjective
+
+    draws_normal, draws_uniform = list(record.normal), list(record.uniform)
+    batch = images.shape[0]
+    conditioning_64 = jnp.asarray(conditioning, jnp.float64)
+    jax.config.update("jax_enable_x64", True)
+    try:
+        with contextlib.ExitStack() as patches:
+            for module in OFFICIAL_MODULES:
+                for function_name in ("dot_product_attention", "get_timestep_embedding"):
+                    if hasattr(module, function_name):
+                        wide = functools.partial(getattr(module, function_name), dtype=jnp.float64)
+                        patches.enter_context(mock.patch.object(module, function_name, wide))
+            patches.enter_context(record.replaying(draws_normal, draws_uniform))
+            variables_64 = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64), variables)
+            if kind == "diffenc":
+                t_64 = np.asarray(t, np.float64)
+                output = model.apply(variables_64, images, conditioning_64, deterministic=True,
+                                     ts=jnp.asarray(t_64), rngs={"sample": key})
+            else:
+                output = model.apply(variables_64, images, conditioning_64, deterministic=True, rngs={"sample": key})
+                t0 = jnp.asarray(draws_uniform[0], jnp.float64)
+                t_64 = np.asarray(jnp.mod(t0 + jnp.arange(0.0, 1.0, step=1.0 / batch), 1.0))
+            official = {term: np.asarray(getattr(output, term), np.float64).reshape(batch)
+                        for term in ("loss_recon", "loss_klz", "loss_diff")}
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    pipe_64 = copy.deepcopy(pipe).to(torch.float64)
+    objective = DiffEncObjective(pipe_64.unet, pipe_64.scheduler, pipe_64.encoder)
+    eps_0, eps = draws_normal
+    with torch.no_grad():
+        out = objective(nhwc_to_nchw(images), t=torch.from_numpy(t_64), noise=nhwc_to_nchw(eps).double(),
+                        recon_noise=nhwc_to_nchw(eps_0).double())
+    nats_per_bpd = math.prod(IMAGE_SHAPE) * math.log(2.0)
+    ours = {term: getattr(out, term).double().numpy() * nats_per_bpd for term in official}
+    return official, ours
 
 
 def record_trees(official, args) -> None:
@@ -391,6 +479,10 @@ def markdown_table(results: list[dict]) -> str:
     lines = ["| model | size | quantity | relative difference |", "| --- | --- | --- | --- |"]
     for result in results:
         for quantity, value in result["quantities"].items():
+            lines.append(f"| {result['model']} | {result['size']} | {quantity} | {value:.2e} |")
+    lines += ["", "| model | size | float64 reference | relative difference |", "| --- | --- | --- | --- |"]
+    for result in results:
+        for quantity, value in result["float64 references"].items():
             lines.append(f"| {result['model']} | {result['size']} | {quantity} | {value:.2e} |")
     lines += ["", "| model | size | official parameters | converted | inert (conditioning row) | seconds |",
               "| --- | --- | --- | --- | --- | --- |"]

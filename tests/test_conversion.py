@@ -16,9 +16,8 @@ import torch
 
 pytest.importorskip("msgpack")
 
-from diffenc_diffusers import DiffEncPipeline  # noqa: E402
-from diffenc_diffusers import hub  # noqa: E402
-from diffenc_diffusers.conversion import (  # noqa: E402
+from diffenc_diffusers import DiffEncPipeline, hub
+from diffenc_diffusers.conversion import (
     cli,
     convert_official_checkpoint,
     diffenc_model,
@@ -27,7 +26,7 @@ from diffenc_diffusers.conversion import (  # noqa: E402
     save_flax_msgpack,
     vdm_model,
 )
-from diffenc_diffusers.conversion.official import count_parameters  # noqa: E402
+from diffenc_diffusers.conversion.official import count_parameters
 
 TREES = json.loads((Path(__file__).parent / "fixtures" / "official_param_trees.json").read_text())
 SMALL = {
@@ -151,13 +150,15 @@ def test_small_checkpoint_converts_with_the_official_layout(label, tmp_path):
     assert result.official_parameter_count == TREES[name]["count"]
     assert result.converted_parameter_count + result.model.inert_parameter_count() == TREES[name]["count"]
 
-    top = "score_model/" if label == "VDM" else "score_model/"
+    top = "score_model/"
     blocks = "score_model/" if label == "VDM" else "score_model/VDMUNet_0/"
     embedding = "score_model/" if label == "VDM" else "score_model/TimeEmbedding_0/"
     unet = pipe.unet.state_dict()
     np.testing.assert_array_equal(unet["conv_in.weight"].numpy(), ema[f"{top}conv_in/kernel"].transpose(3, 2, 0, 1))
     np.testing.assert_array_equal(unet["norm_out.weight"].numpy(), ema[f"{top}GroupNorm_0/scale"])
-    np.testing.assert_array_equal(unet["time_embedding.linear_1.weight"].numpy(), ema[f"{embedding}dense0/kernel"][:-1].T)
+    np.testing.assert_array_equal(
+        unet["time_embedding.linear_1.weight"].numpy(), ema[f"{embedding}dense0/kernel"][:-1].T
+    )
     np.testing.assert_array_equal(unet["up_blocks.0.conv_shortcut.weight"].numpy()[:, :, 0, 0],
                                   ema[f"{blocks}up.block_0/nin_shortcut/kernel"].T)
     np.testing.assert_array_equal(unet["mid_attention.to_q.weight"].numpy(), ema[f"{blocks}mid.attn_1/q/kernel"].T)
@@ -212,7 +213,7 @@ def test_saved_folder_loads_and_its_card_names_source_and_license(tmp_path):
 
 def test_cli_writes_the_folder_and_pushes_with_the_card(tmp_path, monkeypatch, capsys):
     name = SMALL["VDM"]
-    checkpoint = write_checkpoint(tmp_path / "ckpt-7.flax", random_params(name, 0))
+    write_checkpoint(tmp_path / "ckpt-7.flax", random_params(name, 0))
     config, _ = write_configs(tmp_path, name)
     uploads = {}
     monkeypatch.setattr(hub, "create_repo", lambda repo_id, **kwargs: type("Url", (), {"repo_id": repo_id})())
@@ -254,7 +255,7 @@ def test_truncated_checkpoint_is_a_clear_error(small_checkpoint, cut):
     checkpoint, config, train_config = small_checkpoint
     data = checkpoint.read_bytes()
     checkpoint.write_bytes(data[: int(len(data) * cut)])
-    with pytest.raises(ValueError, match="not a readable flax msgpack checkpoint.*truncated or corrupted"):
+    with pytest.raises(ValueError, match=r"not a readable flax msgpack checkpoint.*truncated or corrupted"):
         convert_official_checkpoint(checkpoint, config, train_config)
 
 
@@ -321,7 +322,7 @@ def test_not_a_train_state_and_bad_params_choice(small_checkpoint, tmp_path):
     _, config, train_config = small_checkpoint
     bare = tmp_path / "bare"
     save_flax_msgpack(bare, nest(random_params(SMALL["VDM2_V"], 0)))
-    with pytest.raises(ValueError, match="no 'ema_params' map.*top-level keys: \\['score_model'\\]"):
+    with pytest.raises(ValueError, match=r"no 'ema_params' map.*top-level keys: \['score_model'\]"):
         convert_official_checkpoint(bare, config, train_config)
     with pytest.raises(ValueError, match="`params` must be one of \\['ema', 'raw'\\]; got 'best'"):
         convert_official_checkpoint(bare, config, train_config, params="best")
@@ -329,15 +330,15 @@ def test_not_a_train_state_and_bad_params_choice(small_checkpoint, tmp_path):
 
 def test_configs_whose_conditioning_is_used_or_unsupported_are_refused(tmp_path):
     entry = TREES[SMALL["S3VA mult_res_4"]]
-    with pytest.raises(ValueError, match="cifar10_conditional.*conditioning input is not fixed at 0"):
+    with pytest.raises(ValueError, match=r"cifar10_conditional.*conditioning input is not fixed at 0"):
         diffenc_model(entry["model_config"], {"dataset_name": "cifar10_conditional"})
     changed = json.loads(json.dumps(entry["model_config"]))
     changed["encoder_config"]["id_at_zero"] = True
-    with pytest.raises(ValueError, match="id_at_zero is True; only False is supported"):
+    with pytest.raises(ValueError, match=r"id_at_zero is True; only False is supported"):
         diffenc_model(changed, {"dataset_name": "cifar10_unconditional"})
     vdm = json.loads(json.dumps(TREES["vdm-cifar10:paper"]["vdm_config"]))
     vdm["data"]["dataset"] = "cifar10_aug"
-    with pytest.raises(ValueError, match="cifar10_aug.*augmentation flag"):
+    with pytest.raises(ValueError, match=r"cifar10_aug.*augmentation flag"):
         vdm_model(vdm)
     vdm["data"]["dataset"], vdm["model"]["gamma_type"] = "cifar10", "learnable_nnet"
     with pytest.raises(ValueError, match="learnable_nnet"):
