@@ -293,10 +293,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
         f"0): {', '.join(inert) or 'none'}."
     )
     if args.push_to_hub:
-        info = upload_pipeline_folder(
+        upload_pipeline_folder(
             result.pipeline, folder, args.push_to_hub, private=args.private or None,
             commit_message=f"Convert official {result.model.model_type} checkpoint {result.checkpoint.name}",
             provenance=result.model_card_info(args.license_id),
         )
-        print(f"Uploaded to {info.repo_url if hasattr(info, 'repo_url') else args.push_to_hub}")
+        print(f"Uploaded the pipeline files of {folder} to the Hub repository {args.push_to_hub}.")
     return 0
