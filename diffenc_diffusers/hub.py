@@ -130,13 +130,16 @@ def make_model_card(
     repo_id: str,
     training_info: Mapping[str, Any] | None = None,
     bpd: float | None = None,
+    provenance: Mapping[str, str] | None = None,
 ) -> ModelCard:
     """The model card (README.md) of a DiffEnc pipeline pushed to `repo_id`.
 
     The metadata says `library_name: diffusers` with the tags of :data:`MODEL_CARD_TAGS` (and the training
     dataset, when `training_info["dataset"]` is a Hub dataset id); the text describes the model (kind, image
     shape, parameter counts, noise schedule), its negative ELBO in bits/dim when `bpd` is given, how it was
-    trained (every entry of `training_info`), and how to use it.
+    trained (every entry of `training_info`), and how to use it. Converted weights pass `provenance` (see
+    `diffenc_diffusers.conversion.ConversionResult.model_card_info`): its `license_id` and `license_link`
+    become the card's license metadata, every other entry a row of a "Source of the weights" section.
     """
     scheduler = pipeline.scheduler.config
     unet = pipeline.unet.config
@@ -149,6 +152,15 @@ def make_model_card(
         tags=list(MODEL_CARD_TAGS),
         datasets=[dataset] if isinstance(dataset, str) and "/" in dataset else None,
     )
+    source_section = []
+    if provenance:
+        rows = {key: value for key, value in provenance.items() if key not in ("license_id", "license_link")}
+        card_data.license = provenance.get("license_id", "other")
+        if card_data.license == "other":
+            card_data.license_name = "see-source"
+            card_data.license_link = provenance.get("license_link")
+        source_section = ["## Source of the weights", "", _table(("", ""), [(k, _format_value(k, v)) for k, v in
+                                                                            rows.items()]), ""]
     encoder_parameters = (
         f"{sum(p.numel() for p in pipeline.encoder.parameters()):,}" if pipeline.encoder is not None else "none"
     )
@@ -201,6 +213,7 @@ def make_model_card(
             "",
             _table(("", ""), model_rows),
             "",
+            *source_section,
             "## Likelihood",
             "",
             likelihood,
@@ -231,11 +244,13 @@ def upload_pipeline_folder(
     create_pr: bool = False,
     training_info: Mapping[str, Any] | None = None,
     bpd: float | None = None,
+    provenance: Mapping[str, str] | None = None,
 ) -> CommitInfo:
     """Create `repo_id` if needed, write the model card into `folder` and upload the pipeline files of
     `folder` (and nothing else in it). Returns huggingface_hub's `CommitInfo`."""
     repo_id = create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
-    make_model_card(pipeline, repo_id, training_info=training_info, bpd=bpd).save(Path(folder) / MODEL_CARD_NAME)
+    card = make_model_card(pipeline, repo_id, training_info=training_info, bpd=bpd, provenance=provenance)
+    card.save(Path(folder) / MODEL_CARD_NAME)
     return upload_folder(
         repo_id=repo_id,
         folder_path=folder,

@@ -185,7 +185,8 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
             multiple of `norm_num_groups`; the first must be >= 4 (it is the gamma embedding's width).
         layers_per_block (`int`, defaults to 2): ResNet blocks per level on each path.
         dropout (`float`, defaults to 0.1): Dropout probability inside every ResNet block, in `[0, 1)`.
-        norm_num_groups (`int`, defaults to 32): Groups of every GroupNorm.
+        norm_num_groups (`int`, defaults to 32): Groups of every GroupNorm, except those that the next two
+            arguments set.
         gamma_min (`float`, defaults to -13.3): The gamma mapped to ``t = 0`` by the gamma embedding.
         gamma_max (`float`, defaults to 5.0): The gamma mapped to ``t = 1`` by the gamma embedding.
         num_class_embeds (`int`, *optional*): Number of classes K of a class-conditional model (labels
@@ -193,6 +194,12 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
             class parameters. A learned, zero-initialised vector per class is added to the gamma embedding.
         null_class (`bool`, defaults to `False`): Add the null class, label K, that stands for "no label"
             (the unconditional model of classifier-free guidance; needs `num_class_embeds`).
+        norm_out_num_groups (`int`, *optional*): Groups of the output GroupNorm (before the last convolution);
+            defaults to `norm_num_groups`. The official encoder uses its config's `num_groups_groupnorm` (16)
+            here and 32 groups elsewhere; converted official checkpoints set it (see docs/conversion.md).
+        mid_block_norm_num_groups (`int`, *optional*): Groups of the GroupNorms of the two middle ResNet blocks;
+            defaults to `norm_num_groups` (the official ``unet`` encoder uses `num_groups_groupnorm` there, the
+            ``unet_mult_res`` one 32).
     """
 
     @register_to_config
@@ -208,6 +215,8 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
         gamma_max: float = 5.0,
         num_class_embeds: int | None = None,
         null_class: bool = False,
+        norm_out_num_groups: int | None = None,
+        mid_block_norm_num_groups: int | None = None,
     ):
         super().__init__()
         if block_out_channels is None:
@@ -232,6 +241,12 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
             check_group_divisible(f"block_out_channels[{index}]", channels, norm_num_groups)
         check_gamma_range(gamma_min, gamma_max)
         check_class_config(num_class_embeds, null_class)
+        out_groups = norm_num_groups if norm_out_num_groups is None else norm_out_num_groups
+        mid_groups = norm_num_groups if mid_block_norm_num_groups is None else mid_block_norm_num_groups
+        check_int("norm_out_num_groups", out_groups, 1)
+        check_group_divisible("block_out_channels[0]", block_out_channels[0], out_groups)
+        check_int("mid_block_norm_num_groups", mid_groups, 1)
+        check_group_divisible("block_out_channels[-1]", block_out_channels[-1], mid_groups)
         downsample_factor = 2 ** len(block_out_channels)
         if sample_size % downsample_factor != 0:
             raise ValueError(
@@ -255,13 +270,13 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
 
         mid_channels = block_out_channels[-1]
         self.mid_block_1 = ResnetBlock(
-            mid_channels, mid_channels, temb_channels, dropout, norm_num_groups, forward_ad_compatible=True
+            mid_channels, mid_channels, temb_channels, dropout, mid_groups, forward_ad_compatible=True
         )
         self.mid_attention = AttentionBlock(
             mid_channels, num_heads=1, norm_num_groups=norm_num_groups, forward_ad_compatible=True
         )
         self.mid_block_2 = ResnetBlock(
-            mid_channels, mid_channels, temb_channels, dropout, norm_num_groups, forward_ad_compatible=True
+            mid_channels, mid_channels, temb_channels, dropout, mid_groups, forward_ad_compatible=True
         )
 
         up_inputs = [*block_out_channels[1:], mid_channels]
@@ -274,7 +289,7 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
             ]
         )
 
-        self.norm_out = UpcastGroupNorm(norm_num_groups, block_out_channels[0], forward_ad_compatible=True)
+        self.norm_out = UpcastGroupNorm(out_groups, block_out_channels[0], forward_ad_compatible=True)
         self.conv_out = ForwardADConv2d(block_out_channels[0], in_channels, kernel_size=3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
