@@ -123,11 +123,12 @@ def plot_curves(curves: dict[str, list[dict[str, list[tuple[int, float]]]]], pat
         window = max(length // 50, 1)
         smooth = np.stack([np.convolve(v, np.ones(window) / window, mode="valid") for v in values])
         axes[0].plot(steps[window - 1 :], smooth.mean(0), label=variant)
-        test = [np.array(run["test/bpd"]) for run in runs if run["test/bpd"]]
-        length = min(len(points) for points in test)
-        test_values = np.stack([points[:length, 1] for points in test])
+        # Test bits/dim at the steps every seed evaluated (a resumed run with another --steps has other ones).
+        test = [dict(run["test/bpd"]) for run in runs if run["test/bpd"]]
+        test_steps = sorted(set.intersection(*(set(points) for points in test)))
+        test_values = np.array([[points[step] for step in test_steps] for points in test])
         error = test_values.std(0, ddof=1) / math.sqrt(len(test))
-        axes[1].errorbar(test[0][:length, 0], test_values.mean(0), yerr=error, marker="o", capsize=3, label=variant)
+        axes[1].errorbar(test_steps, test_values.mean(0), yerr=error, marker="o", capsize=3, label=variant)
     title = f"training bits/dim (moving average, mean of {len(train)} seeds)"
     axes[0].set(title=title, xlabel="step", ylabel="bits/dim", yscale="log")
     axes[1].set(title="EMA test bits/dim (mean ± s.e. over seeds)", xlabel="step", ylabel="bits/dim")
