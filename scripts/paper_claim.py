@@ -10,6 +10,8 @@ and writes what docs/results.md reports:
     docs/results/D_training_curves.png     training and test bits/dim against step, mean over seeds
     docs/results/D_encoder.png             the encoder figure of the first trainable DiffEnc seed
     docs/results/D_samples_<variant>.png   samples of each variant's first seed
+    docs/results/D_evaluation_noise.json   with --evaluation_noise: how the evaluation's own noise compares with the
+                                           differences between the kinds (first seed; see evaluation_noise)
 
 Run from the repository root (digits: about 45 minutes on 2 CPU cores; mnist5k: see docs/results.md):
 
@@ -48,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="Draws of t and noise per test image.")
     parser.add_argument("--out", type=Path, default=None, help="Run folders (default: outputs/<dataset>_claim).")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results", help="Where results are written.")
+    parser.add_argument(
+        "--evaluation_noise",
+        action="store_true",
+        help="Also measure, on the first seed, the standard errors with 1, 3, ... --repeats draws per image and the "
+        "paired per-image differences to VDM.",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.jobs < 1 or args.repeats < 1:
         parser.error(f"--steps, --jobs and --repeats must be positive, got {args.steps}, {args.jobs}, {args.repeats}")
@@ -85,6 +93,40 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> Path:
         for command in (train, evaluate):
             subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     return run_dir
+
+
+def evaluation_noise(run_dirs: dict[tuple[str, int], Path], args: argparse.Namespace) -> dict:
+    """The evaluation's own noise, on the first seed: every kind's per-image bits/dim with the same --repeats draws
+    of (t, noise) as its evaluation, summarised for the first 1, 3, ... draws: the mean, its standard error over
+    images (se_images) and over draws (se_repeats), and the per-image difference to VDM with its standard error
+    over images (a paired comparison: the same images and draws)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from diffenc_diffusers import DiffEncPipeline
+    from diffenc_diffusers.data import load_builtin_dataset
+    from diffenc_diffusers.evaluation import bits_per_dim_terms, standard_error
+
+    seed = args.seeds[0]
+    images = load_builtin_dataset(args.dataset, "test")[0]
+    bpd = {}
+    for variant in VARIANTS:
+        pipe = DiffEncPipeline.from_pretrained(str(run_dirs[(variant, seed)]))
+        pipe.set_progress_bar_config(disable=True)
+        bpd[variant] = bits_per_dim_terms(pipe, images, seed=seed, repeats=args.repeats)["bpd"]
+    result: dict = {"seed": seed, "num_images": len(images), "by_repeats": {}}
+    for count in sorted({1, 3, args.repeats} & set(range(1, args.repeats + 1))):
+        row: dict = {}
+        for variant, values in bpd.items():
+            row[variant] = {
+                "bpd": float(values[:count].mean()),
+                "se_images": standard_error(values[:count].mean(0)),
+                "se_repeats": standard_error(values[:count].mean(1)),
+            }
+        for variant in ("nontrainable", "trainable"):
+            difference = (bpd[variant][:count] - bpd["vdm"][:count]).mean(0)
+            row[f"{variant}-vdm"] = {"mean": float(difference.mean()), "se_images": standard_error(difference)}
+        result["by_repeats"][str(count)] = row
+    return result
 
 
 def mean_and_standard_error(values: list[float]) -> tuple[float, float]:
@@ -197,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
         run_dirs[("trainable", args.seeds[0])] / "evaluation" / "encoder.png", args.docs / f"{prefix}encoder.png"
     )
     plot_curves(curves, args.docs / f"{prefix}training_curves.png")
+    if args.evaluation_noise:
+        noise = evaluation_noise(run_dirs, args)
+        (args.docs / f"{prefix}evaluation_noise.json").write_text(json.dumps(noise, indent=1) + "\n")
     table = "\n".join(rows) + "\n"
     (args.docs / f"{prefix}claim.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.docs / f"{prefix}claim_table.md").write_text(table)
