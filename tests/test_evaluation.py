@@ -15,22 +15,23 @@ import torch
 from PIL import Image
 
 from diffenc_diffusers import DiffEncEncoderModel, DiffEncPipeline, VDMScheduler, VDMUNetModel, evaluation
-from diffenc_diffusers.data import load_digits_uint8
+from diffenc_diffusers.data import load_builtin_dataset, load_digits_uint8
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_FIELDS = {"bpd", "se_images", "se_repeats", "loss_recon", "loss_klz", "loss_diff", "num_images", "repeats"}
 RESULT_FIELDS = SUMMARY_FIELDS | {"bpd_per_t", "bpd_per_t_mean", "bpd_per_t_num_images", "seconds"}
 
 
-def tiny_pipeline(encoder_type: str = "trainable") -> DiffEncPipeline:
-    """An untrained 8x8 pipeline; the last layers are randomised so that the networks are not the identity."""
+def tiny_pipeline(encoder_type: str = "trainable", size: int = 8) -> DiffEncPipeline:
+    """An untrained size x size pipeline; the last layers are randomised so that the networks are not the
+    identity."""
     torch.manual_seed(0)
-    unet = VDMUNetModel(sample_size=8, in_channels=1, hidden_channels=16, num_layers=1, norm_num_groups=8)
+    unet = VDMUNetModel(sample_size=size, in_channels=1, hidden_channels=16, num_layers=1, norm_num_groups=8)
     torch.nn.init.normal_(unet.conv_out.weight, std=0.05)
     encoder = None
     if encoder_type == "trainable":
         encoder = DiffEncEncoderModel(
-            sample_size=8, in_channels=1, block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=8
+            sample_size=size, in_channels=1, block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=8
         )
         torch.nn.init.normal_(encoder.conv_out.weight, std=0.2)
     return DiffEncPipeline(unet=unet, scheduler=VDMScheduler(encoder_type=encoder_type), encoder=encoder)
@@ -88,6 +89,28 @@ def test_reported_bpd_is_the_pipelines_likelihood(evaluated):
     assert continuous["bpd"] == pytest.approx(bpd.mean(), rel=1e-6)
     assert continuous["se_images"] == pytest.approx(bpd.mean(0).std(ddof=1) / np.sqrt(24), rel=1e-6)
     assert continuous["se_repeats"] == pytest.approx(bpd.mean(1).std(ddof=1) / np.sqrt(2), rel=1e-6)
+
+
+def test_mnist5k_evaluation_scores_its_test_split(tmp_path):
+    tiny_pipeline(size=28).save_pretrained(tmp_path / "pipe")
+    output = evaluation.main(
+        [
+            *("--pipeline", str(tmp_path / "pipe"), "--dataset", "mnist5k", "--num_images", "6", "--repeats", "2"),
+            *("--batch_size", "6", "--seed", "1", "--t_grid_points", "2", "--t_grid_num_images", "2"),
+            *("--output_json", str(tmp_path / "eval.json"), "--sample_grid", str(tmp_path / "grid.png")),
+            *("--num_samples", "2", "--num_inference_steps", "2"),
+        ]
+    )
+    assert output["test_set"].startswith("the first 6 images of mnist5k split 'test' (500 of 5000 images, seed 0)")
+    pipe = DiffEncPipeline.from_pretrained(str(tmp_path / "pipe"))
+    images = load_builtin_dataset("mnist5k", "test")[0][:6]
+    draws = [
+        pipe.bits_per_dim(images, batch_size=6, generator=torch.Generator().manual_seed(seed), show_progress=False).bpd
+        for seed in output["seeds"]
+    ]
+    assert output["continuous"]["bpd"] == pytest.approx(torch.stack(draws).double().mean().item(), rel=1e-6)
+    # 2 samples of 28x28 enlarged 2x, side by side with 1-pixel gaps.
+    assert Image.open(tmp_path / "grid.png").size == (2 * 57 + 1, 57 + 1)
 
 
 def test_bpd_per_t_is_the_diffusion_term_at_fixed_t():

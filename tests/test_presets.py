@@ -17,6 +17,9 @@ PRESETS = {
     "digits-vdm-monotone": ("none", "digits", (1, 8, 8)),
     "digits-diffenc-nontrainable": ("nontrainable", "digits", (1, 8, 8)),
     "digits-diffenc-trainable": ("trainable", "digits", (1, 8, 8)),
+    "mnist5k-vdm": ("none", "mnist5k", (1, 28, 28)),
+    "mnist5k-diffenc-nontrainable": ("nontrainable", "mnist5k", (1, 28, 28)),
+    "mnist5k-diffenc-trainable": ("trainable", "mnist5k", (1, 28, 28)),
 }
 TRAINING_KEYS = {
     "dataset", "resolution", "train_batch_size", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay",
@@ -86,6 +89,18 @@ def test_paper_presets_follow_the_official_settings():
         unet = json.loads((folder / "unet" / "config.json").read_text())
         assert unet["hidden_channels"] == 128 and unet["dropout"] == 0.1
     assert json.loads((PRESETS_DIR / "cifar10-diffenc-32-4" / "unet" / "config.json").read_text())["num_layers"] == 32
+
+
+def test_cpu_presets_share_the_denoiser_and_the_trainable_encoder_has_the_papers_size_ratio():
+    """Within a CPU family the three kinds differ only in the encoder; the mnist5k encoder is sized like the
+    paper's (DiffEnc-32-4: 2,743,875 encoder / 30,577,667 denoiser parameters, 9.0%)."""
+    for family in ("digits", "mnist5k"):
+        folders = [PRESETS_DIR / f"{family}-{kind}" for kind in ("vdm", "diffenc-nontrainable", "diffenc-trainable")]
+        unets = [json.loads((folder / "unet" / "config.json").read_text()) for folder in folders]
+        trainings = [json.loads((folder / "training_config.json").read_text()) for folder in folders]
+        assert unets[0] == unets[1] == unets[2] and trainings[0] == trainings[1] == trainings[2]
+    counts = readme_counts("mnist5k-diffenc-trainable")
+    assert counts["encoder"] / counts["denoiser"] == pytest.approx(2_743_875 / 30_577_667, abs=0.01)
 
 
 def test_from_preset_by_path_and_digits_preset_samples_and_scores():

@@ -39,7 +39,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from diffenc_diffusers import DiffEncObjective, DiffEncPipeline, VDMScheduler  # noqa: E402
-from diffenc_diffusers.data import DIGITS_NAME, UInt8ImageDataset, load_image_splits  # noqa: E402
+from diffenc_diffusers.data import BUILTIN_DATASETS, UInt8ImageDataset, load_image_splits  # noqa: E402
 from diffenc_diffusers.training import (  # noqa: E402
     StreamBatchSampler,
     TrainingStep,
@@ -220,7 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif args.dataset is None:
         raise ValueError(
             f"No training data: the preset {args.preset!r} names no dataset, so pass --dataset "
-            f"('{DIGITS_NAME}' or a datasets name) or --train_data_dir (an image folder)."
+            f"(one of the built-in {sorted(BUILTIN_DATASETS)} or a datasets name) or --train_data_dir (an image "
+            "folder)."
         )
     if args.max_train_steps is None:
         raise ValueError(f"--max_train_steps is required (the preset {args.preset!r} does not set it).")

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..data import BUILTIN_DATASETS
+
 TRAINING_CONFIG_NAME = "training_config.json"
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
 
@@ -83,7 +85,7 @@ def mixed_precision_type(text: str) -> str:
 
 
 TRAINING_CONFIG_FLAGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
-    "dataset": (str, None, "A built-in dataset name (e.g. 'digits') or a Hugging Face datasets name."),
+    "dataset": (str, None, f"A built-in dataset ({', '.join(sorted(BUILTIN_DATASETS))}) or a Hugging Face datasets name."),
     "resolution": (positive_int, None, "Image height and width; images are never resized."),
     "train_batch_size": (positive_int, 128, "Images per process per micro-step."),
     "learning_rate": (positive_float, 2e-4, "AdamW learning rate after warm-up."),

@@ -1,18 +1,21 @@
-"""The paper's central claim at CPU scale: VDM vs non-trainable vs trainable DiffEnc on the built-in 8x8 digits.
+"""The paper's central claim at CPU scale: VDM vs non-trainable vs trainable DiffEnc on a built-in dataset.
 
-Trains each of the three digits presets with the same budget (steps, batch, optimiser) for several seeds with
-`training/train_diffenc.py`, evaluates every EMA pipeline on the held-out digits with the evaluation CLI, and
-writes what docs/results.md reports:
+For ``--dataset D`` (``digits`` or ``mnist5k``), trains each of the three CPU presets ``D-vdm``,
+``D-diffenc-nontrainable`` and ``D-diffenc-trainable`` with the same budget (steps, batch, optimiser) for several
+seeds with `training/train_diffenc.py`, evaluates every EMA pipeline on D's test split with the evaluation CLI,
+and writes what docs/results.md reports:
 
-    docs/results/digits_claim.json      per run and per variant: test bits/dim and its terms, mean and standard error
-    docs/results/digits_claim_table.md  the same as a markdown table
-    docs/results/training_curves.png    training and test bits/dim against step, mean over seeds
-    docs/results/encoder.png            the encoder figure of the first trainable DiffEnc seed
-    docs/results/samples_<variant>.png  samples of each variant's first seed
+    docs/results/D_claim.json              per run and per variant: test bits/dim and its terms, mean and s.e.
+    docs/results/D_claim_table.md          the same as a markdown table
+    docs/results/D_training_curves.png     training and test bits/dim against step, mean over seeds
+    docs/results/D_encoder.png             the encoder figure of the first trainable DiffEnc seed
+    docs/results/D_samples_<variant>.png   samples of each variant's first seed
+    docs/results/D_evaluation_noise.json   with --evaluation_noise: how the evaluation's own noise compares with the
+                                           differences between the kinds (first seed; see evaluation_noise)
 
-Run from the repository root (about 30 minutes on 2 CPU cores with the defaults):
+Run from the repository root (digits: about 45 minutes on 2 CPU cores; mnist5k: see docs/results.md):
 
-    python scripts/digits_claim.py --steps 1000 --seeds 0 1 2 --jobs 2
+    python scripts/paper_claim.py --dataset digits --steps 1000 --seeds 0 1 2 --jobs 2
 
 An interrupted call can simply be repeated: evaluated runs are kept as they are, and training resumes from the
 latest checkpoint.
@@ -30,24 +33,36 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-VARIANTS = {"vdm": "digits-vdm", "nontrainable": "digits-diffenc-nontrainable", "trainable": "digits-diffenc-trainable"}
+VARIANTS = {"vdm": "vdm", "nontrainable": "diffenc-nontrainable", "trainable": "diffenc-trainable"}
+"""Each model kind and the suffix of its preset name (the preset of kind k on dataset D is ``D-<suffix>``)."""
+SAMPLING_STEPS = {"digits": 1000, "mnist5k": 200}
+"""Ancestral sampling steps of each dataset's sample grid (28x28 sampling is the slow part of an evaluation)."""
 TERMS = ("bpd", "loss_recon", "loss_klz", "loss_diff")
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=sorted(SAMPLING_STEPS), default="digits", help="The preset family.")
     parser.add_argument("--steps", type=int, default=1000, help="Training steps of every run (same budget).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="Runs trained at the same time (one thread each).")
     parser.add_argument("--repeats", type=int, default=3, help="Draws of t and noise per test image.")
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "digits_claim", help="Run folders.")
+    parser.add_argument("--out", type=Path, default=None, help="Run folders (default: outputs/<dataset>_claim).")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results", help="Where results are written.")
+    parser.add_argument(
+        "--evaluation_noise",
+        action="store_true",
+        help="Also measure, on the first seed, the standard errors with 1, 3, ... --repeats draws per image and the "
+        "paired per-image differences to VDM.",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.jobs < 1 or args.repeats < 1:
         parser.error(f"--steps, --jobs and --repeats must be positive, got {args.steps}, {args.jobs}, {args.repeats}")
     if len(args.seeds) < 2:
         parser.error(f"--seeds needs at least 2 seeds for a standard error, got {args.seeds}")
+    if args.out is None:
+        args.out = ROOT / "outputs" / f"{args.dataset}_claim"
     return args
 
 
@@ -61,15 +76,16 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     train = [
-        sys.executable, str(ROOT / "training" / "train_diffenc.py"), "--preset", VARIANTS[variant],
+        sys.executable, str(ROOT / "training" / "train_diffenc.py"), "--preset", f"{args.dataset}-{VARIANTS[variant]}",
         "--seed", str(seed), "--output_dir", str(run_dir), "--max_train_steps", str(args.steps),
         "--resume_from_checkpoint", "latest", "--validation_steps", str(max(args.steps // 4, 1)),
         "--num_validation_images", "16", "--num_inference_steps", "100",
     ]  # fmt: skip
     evaluate = [
-        sys.executable, "-m", "diffenc_diffusers.evaluation", "--pipeline", str(run_dir), "--dataset", "digits",
+        sys.executable, "-m", "diffenc_diffusers.evaluation", "--pipeline", str(run_dir), "--dataset", args.dataset,
         "--repeats", str(args.repeats), "--seed", str(seed), "--output_json", str(figures / "bpd.json"),
-        "--sample_grid", str(figures / "samples.png"), "--num_samples", "64", "--num_inference_steps", "1000",
+        "--sample_grid", str(figures / "samples.png"), "--num_samples", "64",
+        "--num_inference_steps", str(SAMPLING_STEPS[args.dataset]),
     ]  # fmt: skip
     if variant == "trainable":
         evaluate += ["--encoder_figure", str(figures / "encoder.png")]
@@ -77,6 +93,40 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> Path:
         for command in (train, evaluate):
             subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     return run_dir
+
+
+def evaluation_noise(run_dirs: dict[tuple[str, int], Path], args: argparse.Namespace) -> dict:
+    """The evaluation's own noise, on the first seed: every kind's per-image bits/dim with the same --repeats draws
+    of (t, noise) as its evaluation, summarised for the first 1, 3, ... draws: the mean, its standard error over
+    images (se_images) and over draws (se_repeats), and the per-image difference to VDM with its standard error
+    over images (a paired comparison: the same images and draws)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from diffenc_diffusers import DiffEncPipeline
+    from diffenc_diffusers.data import load_builtin_dataset
+    from diffenc_diffusers.evaluation import bits_per_dim_terms, standard_error
+
+    seed = args.seeds[0]
+    images = load_builtin_dataset(args.dataset, "test")[0]
+    bpd = {}
+    for variant in VARIANTS:
+        pipe = DiffEncPipeline.from_pretrained(str(run_dirs[(variant, seed)]))
+        pipe.set_progress_bar_config(disable=True)
+        bpd[variant] = bits_per_dim_terms(pipe, images, seed=seed, repeats=args.repeats)["bpd"]
+    result: dict = {"seed": seed, "num_images": len(images), "by_repeats": {}}
+    for count in sorted({1, 3, args.repeats} & set(range(1, args.repeats + 1))):
+        row: dict = {}
+        for variant, values in bpd.items():
+            row[variant] = {
+                "bpd": float(values[:count].mean()),
+                "se_images": standard_error(values[:count].mean(0)),
+                "se_repeats": standard_error(values[:count].mean(1)),
+            }
+        for variant in ("nontrainable", "trainable"):
+            difference = (bpd[variant][:count] - bpd["vdm"][:count]).mean(0)
+            row[f"{variant}-vdm"] = {"mean": float(difference.mean()), "se_images": standard_error(difference)}
+        result["by_repeats"][str(count)] = row
+    return result
 
 
 def mean_and_standard_error(values: list[float]) -> tuple[float, float]:
@@ -115,11 +165,12 @@ def plot_curves(curves: dict[str, list[dict[str, list[tuple[int, float]]]]], pat
         window = max(length // 50, 1)
         smooth = np.stack([np.convolve(v, np.ones(window) / window, mode="valid") for v in values])
         axes[0].plot(steps[window - 1 :], smooth.mean(0), label=variant)
-        test = [np.array(run["test/bpd"]) for run in runs if run["test/bpd"]]
-        length = min(len(points) for points in test)
-        test_values = np.stack([points[:length, 1] for points in test])
+        # Test bits/dim at the steps every seed evaluated (a resumed run with another --steps has other ones).
+        test = [dict(run["test/bpd"]) for run in runs if run["test/bpd"]]
+        test_steps = sorted(set.intersection(*(set(points) for points in test)))
+        test_values = np.array([[points[step] for step in test_steps] for points in test])
         error = test_values.std(0, ddof=1) / math.sqrt(len(test))
-        axes[1].errorbar(test[0][:length, 0], test_values.mean(0), yerr=error, marker="o", capsize=3, label=variant)
+        axes[1].errorbar(test_steps, test_values.mean(0), yerr=error, marker="o", capsize=3, label=variant)
     title = f"training bits/dim (moving average, mean of {len(train)} seeds)"
     axes[0].set(title=title, xlabel="step", ylabel="bits/dim", yscale="log")
     axes[1].set(title="EMA test bits/dim (mean ± s.e. over seeds)", xlabel="step", ylabel="bits/dim")
@@ -137,7 +188,15 @@ def main(argv: list[str] | None = None) -> None:
         run_dirs = dict(zip(jobs, pool.map(lambda job: run_one(*job, args), jobs), strict=True))
 
     args.docs.mkdir(parents=True, exist_ok=True)
-    results: dict = {"steps": args.steps, "seeds": args.seeds, "repeats": args.repeats, "runs": {}, "variants": {}}
+    prefix = f"{args.dataset}_"
+    results: dict = {
+        "dataset": args.dataset,
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "repeats": args.repeats,
+        "runs": {},
+        "variants": {},
+    }
     curves: dict[str, list] = {variant: [] for variant in VARIANTS}
     for (variant, seed), run_dir in run_dirs.items():
         evaluation = json.loads((run_dir / "evaluation" / "bpd.json").read_text())["continuous"]
@@ -152,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         results["variants"][variant] = {term: {"mean": m, "se": se} for term, (m, se) in summary.items()}
         rows.append(f"| {variant} | " + " | ".join(f"{m:.4f} ± {se:.4f}" for m, se in summary.values()) + " |")
         first_run = run_dirs[(variant, args.seeds[0])]
-        shutil.copy(first_run / "evaluation" / "samples.png", args.docs / f"samples_{variant}.png")
+        shutil.copy(first_run / "evaluation" / "samples.png", args.docs / f"{prefix}samples_{variant}.png")
     # Within a seed every variant is evaluated on the same images with the same draws of t and noise, so the
     # per-seed differences to VDM are paired comparisons.
     rows += [
@@ -176,11 +235,16 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(
             f"| {variant} - vdm | " + " | ".join(f"{m:+.4f} ± {se:.4f}" for m, se in differences.values()) + " |"
         )
-    shutil.copy(run_dirs[("trainable", args.seeds[0])] / "evaluation" / "encoder.png", args.docs / "encoder.png")
-    plot_curves(curves, args.docs / "training_curves.png")
+    shutil.copy(
+        run_dirs[("trainable", args.seeds[0])] / "evaluation" / "encoder.png", args.docs / f"{prefix}encoder.png"
+    )
+    plot_curves(curves, args.docs / f"{prefix}training_curves.png")
+    if args.evaluation_noise:
+        noise = evaluation_noise(run_dirs, args)
+        (args.docs / f"{prefix}evaluation_noise.json").write_text(json.dumps(noise, indent=1) + "\n")
     table = "\n".join(rows) + "\n"
-    (args.docs / "digits_claim.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.docs / "digits_claim_table.md").write_text(table)
+    (args.docs / f"{prefix}claim.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.docs / f"{prefix}claim_table.md").write_text(table)
     print(table)
     print(f"Results in {args.docs}; runs in {args.out}")
 
