@@ -85,7 +85,11 @@ def mixed_precision_type(text: str) -> str:
 
 
 TRAINING_CONFIG_FLAGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
-    "dataset": (str, None, f"A built-in dataset ({', '.join(sorted(BUILTIN_DATASETS))}) or a Hugging Face datasets name."),
+    "dataset": (
+        str,
+        None,
+        f"A built-in dataset ({', '.join(sorted(BUILTIN_DATASETS))}) or a Hugging Face datasets name.",
+    ),
     "resolution": (positive_int, None, "Image height and width; images are never resized."),
     "train_batch_size": (positive_int, 128, "Images per process per micro-step."),
     "learning_rate": (positive_float, 2e-4, "AdamW learning rate after warm-up."),
