@@ -165,6 +165,14 @@ class DiffEncObjective(nn.Module):
             overrides.update(self.monotone_schedule.config_values())
         return VDMScheduler.from_config(self.scheduler.config, **overrides)
 
+    def variance_gradient_parameters(self) -> list[nn.Parameter]:
+        """The parameters that ``loss.backward()`` gives the gradient of the loss variance instead of the loss: the
+        interior weights of a learned monotone schedule in continuous time (see :meth:`continuous_diffusion_nats`);
+        empty otherwise. That gradient is far larger than the others, so training loops clip it apart."""
+        if self.monotone_schedule is None or self.num_timesteps is not None:
+            return []
+        return list(self.monotone_schedule.parameters())
+
     @property
     def is_class_conditional(self) -> bool:
         """Whether the denoiser or the encoder takes class labels (their config's `num_class_embeds` is set)."""
@@ -352,21 +360,14 @@ class DiffEncObjective(nn.Module):
         self, x_phi: torch.Tensor, noise: torch.Tensor, gamma_t: torch.Tensor, class_labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x_hat at z_t = alpha_t x_phi + sigma_t eps, from the denoiser (run in its own, possibly autocast, dtype),
-        and its error x_hat - x_phi.
-
-        The error is formed from the prediction error, sigma_t (v - v_hat) with v = alpha_t eps - sigma_t x_phi, or
-        (sigma_t / alpha_t)(eps - eps_hat), not as x_hat - x_phi: at small t the two nearly cancel, which in float32
-        moved the diffusion loss by ~1e-5 relative (measured against float64, docs/conversion.md).
+        and its error x_hat - x_phi (:meth:`VDMScheduler.original_sample_error`, free of cancellation at small t).
         """
         alpha, sigma = (expand_to(v, x_phi).to(x_phi.dtype) for v in alpha_sigma(gamma_t))
         z_t = alpha * x_phi + sigma * noise
         labels = _labels_for(self.unet, class_labels)
         model_output = self.unet(z_t, gamma_t.to(x_phi.dtype), **labels).sample.to(x_phi.dtype)
-        if self.scheduler.config.prediction_type == "v_prediction":
-            error = sigma * ((alpha * noise - sigma * x_phi) - model_output)
-        else:
-            error = (sigma / alpha) * (noise - model_output)
-        return self.scheduler.predict_original_sample(model_output, z_t, gamma_t), error
+        x_hat = self.scheduler.predict_original_sample(model_output, z_t, gamma_t)
+        return x_hat, self.scheduler.original_sample_error(model_output, x_phi, noise, alpha, sigma)
 
     def _compute_dtype(self) -> torch.dtype:
         param = next(self.unet.parameters(), None)

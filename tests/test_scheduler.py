@@ -7,6 +7,7 @@ import torch
 
 from diffenc_diffusers import VDMScheduler
 from diffenc_diffusers.discretization import grid_values
+from diffenc_diffusers.scheduling_vdm import alpha_sigma
 
 SHAPE = (3, 2, 4, 4)
 
@@ -229,3 +230,15 @@ def test_bad_eta_and_shape_raise():
         scheduler.step(z, scheduler.timesteps[0], z, eta=1.5)
     with pytest.raises(ValueError, match="model_output"):
         scheduler.step(z[:1], scheduler.timesteps[0], z)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_original_sample_error_is_x_hat_minus_x(prediction_type):
+    scheduler = VDMScheduler(prediction_type=prediction_type)
+    generator = torch.Generator().manual_seed(0)
+    x, noise, output = (torch.randn(3, 1, 4, 4, generator=generator, dtype=torch.float64) for _ in range(3))
+    gamma = torch.tensor([-12.0, 0.0, 4.0], dtype=torch.float64)
+    alpha, sigma = (v.view(3, 1, 1, 1) for v in alpha_sigma(gamma))
+    z_t = alpha * x + sigma * noise
+    expected = scheduler.predict_original_sample(output, z_t, gamma) - x
+    torch.testing.assert_close(scheduler.original_sample_error(output, x, noise, alpha, sigma), expected)

@@ -445,8 +445,7 @@ class Trainer:
         # One prepared module, so DDP syncs the denoiser, the encoder and the learned schedule together.
         self.prepared_objective, self.optimizer = accelerator.prepare(objective, optimizer)
         self.objective: DiffEncObjective = accelerator.unwrap_model(self.prepared_objective)
-        self.parameters = list(self.objective.parameters())
-        self.ema = EMAModel(self.parameters, decay=args.ema_decay)
+        self.ema = EMAModel(self.objective.parameters(), decay=args.ema_decay)
         self.ema.to(accelerator.device)
         self.step = TrainingStep(
             accelerator,
@@ -458,6 +457,7 @@ class Trainer:
             max_grad_norm=args.max_grad_norm or None,
             random_flip=args.random_flip,
         )
+        self.parameters = self.step.parameters
 
         self.global_step, self.images_seen = 0, 0
         self.global_batch = args.train_batch_size * self.world

@@ -40,8 +40,6 @@ from ..pipeline_diffenc import DiffEncPipeline
 from .randomness import dropout_seed, step_randomness
 
 TERM_NAMES = ("bpd", "loss_recon", "loss_klz", "loss_diff")
-SCHEDULE_INTERIOR_PREFIX = "monotone_schedule."
-"""Parameters of the learned monotone schedule's interior, clipped apart from the others (see TrainingStep)."""
 """The per-image terms of the objective that a step reports, in bits/dim."""
 
 
@@ -87,9 +85,10 @@ class TrainingStep:
         ema (`diffusers.training_utils.EMAModel`, *optional*): the EMA of every parameter of the objective.
         seed (`int`): the run's seed.
         max_grad_norm (`float`, *optional*): clip the global gradient norm to this; None for no clipping (the norm
-            is still computed and reported). A learned monotone schedule's interior weights, trained on the
-            gradient of the loss variance, are clipped to the same norm on their own, so that their far larger
-            gradient does not shrink the networks' (the reported norm is the networks' and endpoints').
+            is still computed and reported). The objective's `variance_gradient_parameters()` (a learned monotone
+            schedule's interior in continuous time), trained on the gradient of the loss variance, are clipped to
+            the same norm on their own, so that their far larger gradient does not shrink the others' (the reported
+            norm is that of the others).
         random_flip (`bool`): flip each training image horizontally with probability 1/2 (exact, on uint8).
     """
 
@@ -121,17 +120,14 @@ class TrainingStep:
         self.max_grad_norm = math.inf if max_grad_norm is None else max_grad_norm
         self.random_flip = random_flip
         self.parameters = list(accelerator.unwrap_model(objective).parameters())
-        # A learned monotone schedule's interior gets the gradient of the loss variance, whose norm is orders of
-        # magnitude above the ELBO gradient's: clipped together, it would shrink the networks' steps to nothing.
-        named = list(accelerator.unwrap_model(objective).named_parameters())
-        self._clip_groups = [
-            group
-            for group in (
-                [p for name, p in named if not name.startswith(SCHEDULE_INTERIOR_PREFIX)],
-                [p for name, p in named if name.startswith(SCHEDULE_INTERIOR_PREFIX)],
-            )
-            if group
-        ]
+        # Parameters trained on the gradient of the loss variance (a monotone schedule's interior) have gradients
+        # orders of magnitude above the ELBO gradient's: clipped together, they would shrink the networks' steps.
+        variance = {id(p) for p in accelerator.unwrap_model(objective).variance_gradient_parameters()}
+        groups = (
+            [p for p in self.parameters if id(p) not in variance],
+            [p for p in self.parameters if id(p) in variance],
+        )
+        self._clip_groups = [group for group in groups if group]
 
     def __call__(self, batches: Iterator[torch.Tensor], step: int) -> TrainingStepOutput:
         """Run update number ``step`` on the next `gradient_accumulation_steps` batches of ``batches``.
