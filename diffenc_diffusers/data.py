@@ -261,7 +261,10 @@ def check_image_shape(image: torch.Tensor, shape: Sequence[int] | None, where: s
 
 
 class UInt8ImageDataset(Dataset):
-    """A map-style dataset of uint8 images (C, H, W), each checked against ``shape`` when it is read.
+    """A map-style dataset of uint8 images (C, H, W), each checked against ``shape`` when it is read, with their
+    integer class labels when the source has them.
+
+    Items are the images alone; :meth:`labeled` is the same data as (image, label) pairs.
 
     Args:
         images: a uint8 tensor (N, C, H, W), or any sequence whose items are images accepted by
@@ -269,6 +272,8 @@ class UInt8ImageDataset(Dataset):
         shape: the (C, H, W) every image must have; ``None`` to accept any.
         name: how the source is named in error messages.
         rows: for a Hugging Face dataset, the dataset; ``images`` is then the name of its image column.
+        labels: the class labels: an integer tensor (N,), or with ``rows`` the name of its label column;
+            ``None`` if the data has none.
     """
 
     def __init__(
@@ -277,11 +282,36 @@ class UInt8ImageDataset(Dataset):
         shape: Sequence[int] | None = None,
         name: str = "dataset",
         rows: Any = None,
+        labels: torch.Tensor | str | None = None,
     ):
         self.images = images
         self.rows = rows
         self.shape = tuple(shape) if shape is not None else None
         self.name = name
+        if isinstance(labels, torch.Tensor) and labels.shape != (len(self),):
+            raise ValueError(f"`labels` of {name} must have shape ({len(self)},), got {tuple(labels.shape)}.")
+        self.labels = labels
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the images come with class labels."""
+        return self.labels is not None
+
+    def labels_tensor(self) -> torch.Tensor:
+        """All class labels: int64 (N,). ``ValueError`` if the data has none, or labels that are not integers."""
+        if self.labels is None:
+            raise ValueError(f"{self.name} has no class labels.")
+        labels = torch.as_tensor(self.rows[self.labels] if isinstance(self.labels, str) else self.labels)
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.ndim != 1:
+            raise ValueError(
+                f"The labels of {self.name} must be integers, one per image; got {labels.dtype} of shape "
+                f"{tuple(labels.shape)}."
+            )
+        return labels.long()
+
+    def labeled(self) -> LabeledImageDataset:
+        """The same images as (image, label) pairs, for a class-conditional model."""
+        return LabeledImageDataset(self, self.labels_tensor())
 
     def __len__(self) -> int:
         return len(self.rows) if self.rows is not None else len(self.images)
@@ -320,6 +350,30 @@ class UInt8ImageDataset(Dataset):
         return torch.stack([self[index] for index in range(len(self))])
 
 
+class LabeledImageDataset(Dataset):
+    """(image, label) pairs of a :class:`UInt8ImageDataset`: uint8 (C, H, W) and an int64 0-d tensor, so a
+    ``DataLoader`` with the default collate yields (images (B, C, H, W), labels (B,))."""
+
+    def __init__(self, images: UInt8ImageDataset, labels: torch.Tensor):
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
+    """``ValueError`` unless every label is in 0 .. num_classes - 1 (the classes of a class-conditional model)."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"The labels of {where} lie in [{int(labels.min())}, {int(labels.max())}], but the model has "
+            f"num_class_embeds={num_classes} classes: labels 0 .. {num_classes - 1}."
+        )
+
+
 def find_image_column(column_types: dict[str, Any], image_column: str | None, name: str) -> str:
     """The image column of a dataset: ``image_column`` if given (it must exist), else its ``Image`` column.
 
@@ -350,6 +404,21 @@ HOLDOUT_SEED = 0
 """Seed of the permutation that holds out test images from a dataset without a test split."""
 
 
+def find_label_column(column_types: dict[str, Any], label_column: str | None, name: str) -> str | None:
+    """The class-label column of a dataset: ``label_column`` if given (it must exist), else its only
+    ``datasets.ClassLabel`` column, else None (the data has no labels)."""
+    from datasets import ClassLabel
+
+    if label_column is not None:
+        if label_column not in column_types:
+            raise ValueError(
+                f"`--label_column` {label_column!r} is not a column of {name}; its columns are {list(column_types)}."
+            )
+        return label_column
+    label_columns = [column for column, feature in column_types.items() if isinstance(feature, ClassLabel)]
+    return label_columns[0] if len(label_columns) == 1 else None
+
+
 def holdout_indices(num_images: int, num_test: int) -> tuple[list[int], list[int]]:
     """(train, test) indices of a fixed split: the last ``num_test`` entries of a permutation drawn with
     ``numpy.random.default_rng(HOLDOUT_SEED)`` are the test images, the others (in permutation order) the
@@ -370,6 +439,7 @@ def load_image_splits(
     train_split: str | None = "train",
     test_split: str = "test",
     holdout_fraction: float = 0.05,
+    label_column: str | None = None,
 ) -> tuple[UInt8ImageDataset | None, UInt8ImageDataset, str]:
     """The train and test splits of a dataset, an ``imagefolder`` directory or a built-in dataset, as 8-bit images.
 
@@ -391,10 +461,13 @@ def load_image_splits(
         train_split: the training split, or ``None`` to load only the test set.
         test_split: the held-out split.
         holdout_fraction: the fraction of ``train_split`` held out when there is no ``test_split``, in (0, 1).
+        label_column: the column holding integer class labels; found automatically when ``None`` (the only
+            ``datasets.ClassLabel`` column, if there is exactly one; otherwise the data is unlabelled). A built-in
+            dataset always has its labels.
 
     Returns:
-        (train, test, description): the datasets (train is ``None`` if ``train_split`` is ``None``) and a
-        sentence saying where the test set comes from.
+        (train, test, description): the datasets (train is ``None`` if ``train_split`` is ``None``), with their
+        labels where the source has them, and a sentence saying where the test set comes from.
 
     Raises:
         ValueError: a split does not exist, no image column is found, or an image is not 8-bit or has the
@@ -410,9 +483,14 @@ def load_image_splits(
             if split is not None and split not in ("train", "test"):
                 raise ValueError(f"The {dataset_name} dataset has the splits ['train', 'test'], not {split!r}.")
 
+        if label_column is not None:
+            raise ValueError(
+                f"`--label_column` is for datasets with columns; the {dataset_name} dataset has its labels."
+            )
+
         def builtin_split(split: str) -> UInt8ImageDataset:
-            images = load_builtin_dataset(dataset_name, split)[0]
-            dataset = UInt8ImageDataset(images, shape, name=f"the {dataset_name} split {split!r}")
+            images, labels = load_builtin_dataset(dataset_name, split)
+            dataset = UInt8ImageDataset(images, shape, name=f"the {dataset_name} split {split!r}", labels=labels)
             dataset.check_first()
             return dataset
 
@@ -438,7 +516,10 @@ def load_image_splits(
 
     def wrap(rows: Any, label: str) -> UInt8ImageDataset:
         column = find_image_column(dict(rows.features), image_column, name)
-        dataset = UInt8ImageDataset(column, shape, name=f"{name} ({label}, column {column!r})", rows=rows)
+        labels = find_label_column(dict(rows.features), label_column, name)
+        dataset = UInt8ImageDataset(
+            column, shape, name=f"{name} ({label}, column {column!r})", rows=rows, labels=labels
+        )
         dataset.check_first()
         return dataset
 

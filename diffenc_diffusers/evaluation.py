@@ -58,6 +58,7 @@ def bits_per_dim_terms(
     num_timesteps: int | None = None,
     seed: int = 0,
     repeats: int = 1,
+    class_labels: torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-image negative ELBO terms in bits/dim, for ``repeats`` independent draws of t and the noise.
 
@@ -71,6 +72,8 @@ def bits_per_dim_terms(
         num_timesteps: T of the diffusion loss; None for continuous time.
         seed: base seed of the draws.
         repeats: number of independent draws.
+        class_labels: int (N,) labels of a class-conditional pipeline (the conditional ELBO; the null label
+            gives its unconditional model's); None for an unconditional one.
 
     Returns:
         ``{term: array of shape (repeats, N)}`` for each of :data:`TERMS`, float64, bits/dim.
@@ -82,7 +85,12 @@ def bits_per_dim_terms(
     for repeat in range(repeats):
         generator = torch.Generator(device=device).manual_seed(repeat_seed(seed, repeat))
         output = pipe.bits_per_dim(
-            images, batch_size=batch_size, num_timesteps=num_timesteps, generator=generator, show_progress=False
+            images,
+            batch_size=batch_size,
+            num_timesteps=num_timesteps,
+            generator=generator,
+            show_progress=False,
+            class_labels=class_labels,
         )
         for term in TERMS:
             results[term].append(torch.as_tensor(getattr(output, term)).double().cpu().numpy())
@@ -191,18 +199,26 @@ def generate_samples(
     num_inference_steps: int = 256,
     batch_size: int = 128,
     eta: float = 1.0,
+    class_labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> np.ndarray:
-    """``num_images`` samples as uint8 (N, H, W, C), drawn with one generator seeded with ``seed``."""
+    """``num_images`` samples as uint8 (N, H, W, C), drawn with one generator seeded with ``seed``; for a
+    class-conditional pipeline, of the classes ``class_labels`` (N,) with classifier-free ``guidance_scale``."""
     device = _device(pipe)
     generator = torch.Generator(device=device).manual_seed(seed)
     chunks = []
     for start in range(0, num_images, batch_size):
+        size = min(batch_size, num_images - start)
+        conditioning = {}
+        if class_labels is not None:
+            conditioning = {"class_labels": class_labels[start : start + size], "guidance_scale": guidance_scale}
         output = pipe(
-            batch_size=min(batch_size, num_images - start),
+            batch_size=size,
             generator=generator,
             num_inference_steps=num_inference_steps,
             output_type="np",
             eta=eta,
+            **conditioning,
         )
         chunks.append(np.asarray(output.images))
     images = np.concatenate(chunks)
@@ -219,9 +235,15 @@ def save_sample_grid(
     num_inference_steps: int = 256,
     batch_size: int = 128,
     eta: float = 1.0,
+    class_labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> np.ndarray:
-    """Sample ``num_images`` images and save them as one grid PNG at ``path``; returns the grid (H, W, C)."""
-    grid = make_grid(generate_samples(pipe, num_images, seed, num_inference_steps, batch_size, eta))
+    """Sample ``num_images`` images (of the classes ``class_labels``, for a class-conditional pipeline) and save
+    them as one grid PNG at ``path``; returns the grid (H, W, C)."""
+    samples = generate_samples(
+        pipe, num_images, seed, num_inference_steps, batch_size, eta, class_labels, guidance_scale
+    )
+    grid = make_grid(samples)
     save_png(grid, path)
     return grid
 

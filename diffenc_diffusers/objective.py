@@ -108,6 +108,16 @@ class DiffEncObjective(nn.Module):
                 f"The scheduler's `variance_weight` is {scheduler.config.variance_weight}; a weighted loss (w != 1) is "
                 "infinite in continuous time, so pass a finite `num_timesteps`."
             )
+        conditional = {
+            name: (_num_classes(model), bool(model.config.get("null_class", False)))
+            for name, model in (("denoiser", unet), ("encoder", encoder))
+            if _num_classes(model) is not None
+        }
+        if len(set(conditional.values())) > 1:
+            raise ValueError(
+                "The class-conditional denoiser and encoder must agree on the classes, (num_class_embeds, "
+                f"null_class); got {conditional}."
+            )
         self.unet = unet
         self.encoder = encoder
         self.scheduler = scheduler
@@ -176,7 +186,20 @@ class DiffEncObjective(nn.Module):
     @property
     def is_class_conditional(self) -> bool:
         """Whether the denoiser or the encoder takes class labels (their config's `num_class_embeds` is set)."""
-        return any(_num_classes(model) is not None for model in (self.unet, self.encoder))
+        return self.num_classes is not None
+
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes K of a class-conditional model (labels 0 .. K - 1); None for an unconditional one."""
+        counts = [_num_classes(model) for model in (self.unet, self.encoder) if _num_classes(model) is not None]
+        return counts[0] if counts else None
+
+    @property
+    def null_label(self) -> int | None:
+        """The label K of the null class ("no label": the unconditional model of classifier-free guidance) when
+        the class-conditional networks have one (`null_class=True`); None otherwise."""
+        models = [model for model in (self.unet, self.encoder) if _num_classes(model) is not None]
+        return self.num_classes if models and models[0].config.get("null_class", False) else None
 
     def encode(
         self,
