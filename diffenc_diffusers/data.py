@@ -485,7 +485,7 @@ def load_image_splits(
 
         if label_column is not None:
             raise ValueError(
-                f"`--label_column` is for datasets with columns; the {dataset_name} dataset has its labels."
+                f"`--label_column` is for datasets with columns; the {dataset_name} dataset comes with its labels."
             )
 
         def builtin_split(split: str) -> UInt8ImageDataset:

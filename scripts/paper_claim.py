@@ -67,16 +67,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_one(variant: str, seed: int, args: argparse.Namespace) -> Path:
-    """Train (or resume) one run and evaluate its EMA pipeline; returns the run folder. A run whose evaluation
-    exists is taken as it is (delete its folder to redo it)."""
+    """Train and evaluate the preset of ``variant`` with ``seed`` (:func:`train_and_evaluate`)."""
     run_dir = args.out / f"{variant}-seed{seed}"
+    preset = f"{args.dataset}-{VARIANTS[variant]}"
+    return train_and_evaluate(preset, run_dir, seed, args, encoder_figure=variant == "trainable")
+
+
+def train_and_evaluate(preset: str, run_dir: Path, seed: int, args: argparse.Namespace, encoder_figure: bool) -> Path:
+    """Train (or resume) one run of ``preset`` for ``args.steps`` steps on ``args.dataset`` (one thread) and
+    evaluate its EMA pipeline into ``run_dir/evaluation`` (bpd.json with ``args.repeats`` draws per test image,
+    samples.png, and encoder.png if ``encoder_figure``); returns ``run_dir``. A run whose evaluation exists is
+    taken as it is (delete its folder to redo it)."""
     figures = run_dir / "evaluation"
     if (figures / "bpd.json").exists():
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     train = [
-        sys.executable, str(ROOT / "training" / "train_diffenc.py"), "--preset", f"{args.dataset}-{VARIANTS[variant]}",
+        sys.executable, str(ROOT / "training" / "train_diffenc.py"), "--preset", preset,
         "--seed", str(seed), "--output_dir", str(run_dir), "--max_train_steps", str(args.steps),
         "--resume_from_checkpoint", "latest", "--validation_steps", str(max(args.steps // 4, 1)),
         "--num_validation_images", "16", "--num_inference_steps", "100",
@@ -87,10 +95,12 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> Path:
         "--sample_grid", str(figures / "samples.png"), "--num_samples", "64",
         "--num_inference_steps", str(SAMPLING_STEPS[args.dataset]),
     ]  # fmt: skip
-    if variant == "trainable":
+    if encoder_figure:
         evaluate += ["--encoder_figure", str(figures / "encoder.png")]
+    # A finished training run has saved its pipeline (test_bpd.json is written last); it is not run again.
+    commands = [evaluate] if (run_dir / "test_bpd.json").exists() else [train, evaluate]
     with open(run_dir / "run.log", "a") as log:
-        for command in (train, evaluate):
+        for command in commands:
             subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     return run_dir
 

@@ -19,7 +19,9 @@ from diffenc_diffusers.data import (
     BUILTIN_DATASETS,
     DIGITS_NUM_TEST,
     UInt8ImageDataset,
+    check_labels,
     find_image_column,
+    find_label_column,
     holdout_indices,
     image_to_uint8,
     load_builtin_dataset,
@@ -210,3 +212,59 @@ def test_find_image_column():
         find_image_column({"a": ImageFeature(), "b": ImageFeature()}, None, "d")
     with pytest.raises(ValueError, match="is not a column"):
         find_image_column({"a": ImageFeature()}, "b", "d")
+
+
+def test_builtin_splits_carry_their_labels_and_pair_them_with_the_images():
+    train, test, _ = load_image_splits(dataset_name="digits", shape=(1, 8, 8))
+    images, labels = load_builtin_dataset("digits", "test")
+    assert test.has_labels and torch.equal(test.labels_tensor(), labels)
+    pairs = test.labeled()
+    assert len(pairs) == len(test)
+    image, label = pairs[7]
+    assert torch.equal(image, images[7]) and label.dtype == torch.int64 and int(label) == int(labels[7])
+    batch_images, batch_labels = next(iter(torch.utils.data.DataLoader(train.labeled(), batch_size=5)))
+    assert torch.equal(batch_images, train.to_tensor()[:5]) and torch.equal(batch_labels, train.labels_tensor()[:5])
+    with pytest.raises(ValueError, match="comes with its labels"):
+        load_image_splits(dataset_name="digits", shape=(1, 8, 8), label_column="label")
+
+
+def test_image_folder_labels_come_from_class_folders_or_a_named_column(tmp_path):
+    rng = np.random.default_rng(2)
+    for index in range(10):
+        folder = tmp_path / "classes" / "train" / ("cat" if index % 2 else "dog")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / f"{index}.png")
+        flat = tmp_path / "flat" / "train"
+        flat.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(flat / f"{index}.png")
+    train, test, _ = load_image_splits(data_dir=str(tmp_path / "classes"), shape=(1, 8, 8), holdout_fraction=0.2)
+    assert train.has_labels and test.has_labels
+    labels = torch.cat([train.labels_tensor(), test.labels_tensor()])
+    assert sorted(labels.tolist()) == [0] * 5 + [1] * 5
+    image, label = train.labeled()[0]
+    assert torch.equal(image, train[0]) and int(label) == int(train.labels_tensor()[0])
+    unlabelled, _, _ = load_image_splits(data_dir=str(tmp_path / "flat"), shape=(1, 8, 8), holdout_fraction=0.2)
+    assert not unlabelled.has_labels
+    with pytest.raises(ValueError, match="has no class labels"):
+        unlabelled.labels_tensor()
+    with pytest.raises(ValueError, match="`--label_column` 'digit' is not a column"):
+        load_image_splits(data_dir=str(tmp_path / "flat"), shape=(1, 8, 8), label_column="digit")
+
+
+def test_label_columns_and_label_checks():
+    from datasets import ClassLabel, Value
+    from datasets import Image as ImageFeature
+
+    assert find_label_column({"img": ImageFeature(), "label": ClassLabel(names=["a", "b"])}, None, "d") == "label"
+    assert find_label_column({"img": ImageFeature(), "label": Value("int64")}, None, "d") is None
+    assert find_label_column({"img": ImageFeature(), "y": Value("int64")}, "y", "d") == "y"
+    two = {"coarse": ClassLabel(names=["a"]), "fine": ClassLabel(names=["b"])}
+    assert find_label_column(two, None, "d") is None
+    with pytest.raises(ValueError, match="must have shape \\(2,\\)"):
+        UInt8ImageDataset(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), labels=torch.zeros(3, dtype=torch.long))
+    floats = UInt8ImageDataset(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), labels=torch.zeros(2))
+    with pytest.raises(ValueError, match="must be integers"):
+        floats.labels_tensor()
+    check_labels(torch.tensor([0, 9]), 10, "x")
+    with pytest.raises(ValueError, match=r"lie in \[0, 9\], but the model has num_class_embeds=5"):
+        check_labels(torch.tensor([0, 9]), 5, "the digits split 'train'")

@@ -20,6 +20,8 @@ PRESETS = {
     "mnist5k-vdm": ("none", "mnist5k", (1, 28, 28)),
     "mnist5k-diffenc-nontrainable": ("nontrainable", "mnist5k", (1, 28, 28)),
     "mnist5k-diffenc-trainable": ("trainable", "mnist5k", (1, 28, 28)),
+    "digits-diffenc-trainable-classcond": ("trainable", "digits", (1, 8, 8)),
+    "mnist5k-diffenc-trainable-classcond": ("trainable", "mnist5k", (1, 28, 28)),
 }
 TRAINING_KEYS = {
     "dataset", "resolution", "train_batch_size", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay",
@@ -71,7 +73,8 @@ def test_preset_builds_with_the_parameter_counts_of_its_readme(name):
         assert recorded == (MODULES[component] if getattr(pipe, component) is not None else [None, None])
     assert not list(folder.rglob("*.safetensors")) and not list(folder.rglob("*.bin"))
     training = json.loads((folder / "training_config.json").read_text())
-    assert set(training) == TRAINING_KEYS
+    class_conditional = pipe.unet.config.num_class_embeds is not None
+    assert set(training) == TRAINING_KEYS | ({"class_dropout_prob"} if class_conditional else set())
     assert training["dataset"] == dataset and training["resolution"] == shape[1]
     assert "arxiv.org/abs/2310.19789" in (folder / "README.md").read_text()
 

@@ -39,7 +39,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from diffenc_diffusers import DiffEncObjective, DiffEncPipeline, VDMScheduler  # noqa: E402
-from diffenc_diffusers.data import BUILTIN_DATASETS, UInt8ImageDataset, load_image_splits  # noqa: E402
+from diffenc_diffusers.data import BUILTIN_DATASETS, UInt8ImageDataset, check_labels, load_image_splits  # noqa: E402
 from diffenc_diffusers.training import (  # noqa: E402
     StreamBatchSampler,
     TrainingStep,
@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--dataset_config_name", default=None, help="The datasets configuration name, if any.")
     data.add_argument("--image_column", default=None, help="The column holding the images (found if omitted).")
+    data.add_argument(
+        "--label_column",
+        default=None,
+        help="The column holding the class labels of a class-conditional preset (default: the only ClassLabel "
+        "column; the built-in datasets have their labels).",
+    )
     data.add_argument("--train_split", default="train", help="The split to train on.")
     data.add_argument("--test_split", default="test", help="The held-out split for bits/dim.")
     data.add_argument(
@@ -281,6 +287,7 @@ def load_data(
             train_split=args.train_split,
             test_split=args.test_split,
             holdout_fraction=args.holdout_fraction,
+            label_column=args.label_column,
         )
     except ValueError:
         raise
@@ -291,12 +298,10 @@ def load_data(
 
 @dataclass
 class Setup:
-    """Everything checked before training starts: the untrained components, the data and where to resume
-    (with the checkpoint's training state, read once)."""
+    """Everything checked before training starts: the untrained objective, the data (with checked class labels
+    for a class-conditional model) and where to resume (with the checkpoint's training state, read once)."""
 
-    unet: nn.Module
-    scheduler: VDMScheduler
-    encoder: nn.Module | None
+    objective: DiffEncObjective
     shape: tuple[int, int, int]
     train_set: UInt8ImageDataset
     test_set: UInt8ImageDataset
@@ -308,8 +313,10 @@ class Setup:
 def prepare(args: argparse.Namespace) -> Setup:
     """Build the model and load and check the data; ``ValueError`` on anything wrong, before any training."""
     unet, scheduler, encoder = build_components(args)
+    objective = DiffEncObjective(unet, scheduler, encoder, num_timesteps=args.num_timesteps)
     shape = (int(unet.config.in_channels), args.resolution, args.resolution)
     train_set, test_set, test_description = load_data(args, shape)
+    check_class_conditioning(args, objective, train_set, test_set)
     resume_dir = None
     if args.resume_from_checkpoint == "latest":
         resume_dir = find_latest_checkpoint(args.output_dir)
@@ -331,7 +338,33 @@ def prepare(args: argparse.Namespace) -> Setup:
                 f"--resume_from_checkpoint: {error} Use 'latest' to pick the newest complete one."
             ) from None
         check_resumed_run(resume_dir, resume_state, args, scheduler)
-    return Setup(unet, scheduler, encoder, shape, train_set, test_set, test_description, resume_dir, resume_state)
+    return Setup(objective, shape, train_set, test_set, test_description, resume_dir, resume_state)
+
+
+def check_class_conditioning(
+    args: argparse.Namespace, objective: DiffEncObjective, train_set: UInt8ImageDataset, test_set: UInt8ImageDataset
+) -> None:
+    """``ValueError`` unless a class-conditional preset has data with labels in its classes, and
+    --class_dropout_prob is used only with a null class."""
+    if objective.num_classes is None:
+        if args.class_dropout_prob > 0:
+            raise ValueError(
+                f"--class_dropout_prob {args.class_dropout_prob} needs a class-conditional preset (networks with "
+                f"num_class_embeds and null_class); {args.preset!r} is unconditional."
+            )
+        return
+    if args.class_dropout_prob > 0 and objective.null_label is None:
+        raise ValueError(
+            f"--class_dropout_prob {args.class_dropout_prob} trains the null class, but the networks of "
+            f"{args.preset!r} have null_class=False: use --class_dropout_prob 0 or a preset with a null class."
+        )
+    for dataset in (train_set, test_set):
+        if not dataset.has_labels:
+            raise ValueError(
+                f"The preset {args.preset!r} is class-conditional (num_class_embeds={objective.num_classes}), but "
+                f"{dataset.name} has no class labels: name their column with --label_column."
+            )
+        check_labels(dataset.labels_tensor(), objective.num_classes, dataset.name)
 
 
 def check_resumed_run(folder: Path, state: dict[str, Any], args: argparse.Namespace, scheduler: VDMScheduler) -> None:
@@ -426,7 +459,7 @@ class Trainer:
                 ).repo_id
         accelerator.wait_for_everyone()
 
-        objective = DiffEncObjective(setup.unet, setup.scheduler, setup.encoder, num_timesteps=args.num_timesteps)
+        objective = setup.objective
         if args.gradient_checkpointing:
             objective.unet.enable_gradient_checkpointing()
         optimizer = torch.optim.AdamW(
@@ -456,6 +489,7 @@ class Trainer:
             seed=args.seed,
             max_grad_norm=args.max_grad_norm or None,
             random_flip=args.random_flip,
+            class_dropout_prob=args.class_dropout_prob,
         )
         self.parameters = self.step.parameters
 
@@ -467,11 +501,21 @@ class Trainer:
         sampler = StreamBatchSampler(
             len(setup.train_set), args.train_batch_size, self.world, self.rank, args.seed, self.images_seen
         )
-        loader = DataLoader(
-            setup.train_set, batch_sampler=sampler, num_workers=args.dataloader_num_workers, collate_fn=torch.stack
-        )
+        if objective.is_class_conditional:
+            # (image, label) pairs, collated to (images, labels) batches.
+            loader = DataLoader(
+                setup.train_set.labeled(), batch_sampler=sampler, num_workers=args.dataloader_num_workers
+            )
+        else:
+            loader = DataLoader(
+                setup.train_set,
+                batch_sampler=sampler,
+                num_workers=args.dataloader_num_workers,
+                collate_fn=torch.stack,
+            )
         self.batches = iter(loader)
         self.test_images = setup.test_set.to_tensor() if accelerator.is_main_process else None
+        self.test_labels = setup.test_set.labels_tensor() if objective.is_class_conditional else None
         if accelerator.is_main_process:
             config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
             config.pop("hub_token")
@@ -531,7 +575,7 @@ class Trainer:
                 "global_batch": self.global_batch,
                 "num_processes": self.world,
                 "preset": str(args.preset),
-                "scheduler_config": noise_process_config(self.setup.scheduler),
+                "scheduler_config": noise_process_config(self.setup.objective.scheduler),
             }
             path = write_checkpoint(
                 args.output_dir,
@@ -554,17 +598,33 @@ class Trainer:
 
     def evaluate_ema(self, num_images: int | None, grid_path: Path) -> dict[str, Any]:
         """EMA test bits/dim (continuous time) and an EMA sample grid, on the main process; the raw weights
-        are restored afterwards. Logged as test/* and the image ema_samples."""
+        are restored afterwards. Logged as test/* and the image ema_samples.
+
+        A class-conditional model is evaluated on the test labels (the conditional ELBO) and its grid cycles
+        through the classes; with a null class, the unconditional ELBO of the same weights and draws is added
+        under ``"unconditional"`` (logged as test_unconditional/*)."""
         from diffenc_diffusers.evaluation import bits_per_dim_terms, save_sample_grid, summarize_terms
 
         args = self.args
+        objective = self.objective
+        images = self.test_images if num_images is None else self.test_images[:num_images]
+        labels = None if self.test_labels is None else self.test_labels[: len(images)]
+        grid_labels = None
+        if objective.num_classes is not None:
+            grid_labels = torch.arange(args.num_validation_images) % objective.num_classes
         try:
             with ema_weights(self.ema, self.parameters):
-                pipe = pipeline_from_objective(self.objective)
-                images = self.test_images if num_images is None else self.test_images[:num_images]
-                summary = summarize_terms(
-                    bits_per_dim_terms(pipe, images, batch_size=args.eval_batch_size, seed=args.seed)
-                )
+                pipe = pipeline_from_objective(objective)
+
+                def test_bpd(class_labels: torch.Tensor | None) -> dict[str, Any]:
+                    terms = bits_per_dim_terms(
+                        pipe, images, batch_size=args.eval_batch_size, seed=args.seed, class_labels=class_labels
+                    )
+                    return summarize_terms(terms)
+
+                summary = test_bpd(labels)
+                if objective.null_label is not None:
+                    summary["unconditional"] = test_bpd(torch.full_like(labels, objective.null_label))
                 grid = save_sample_grid(
                     pipe,
                     grid_path,
@@ -572,10 +632,14 @@ class Trainer:
                     seed=args.seed,
                     num_inference_steps=args.num_inference_steps,
                     batch_size=args.eval_batch_size,
+                    class_labels=grid_labels,
                 )
         finally:
-            self.objective.train()
-        self.accelerator.log({f"test/{name}": summary[name] for name in TERM_NAMES}, step=self.global_step)
+            objective.train()
+        logs = {f"test/{name}": summary[name] for name in TERM_NAMES}
+        if "unconditional" in summary:
+            logs.update({f"test_unconditional/{name}": summary["unconditional"][name] for name in TERM_NAMES})
+        self.accelerator.log(logs, step=self.global_step)
         if args.report_to == "tensorboard":
             tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
             tracker.add_image("ema_samples", grid, self.global_step, dataformats="HWC")
@@ -595,6 +659,7 @@ class Trainer:
                 "pipeline": str(args.output_dir),
                 "preset": str(args.preset),
                 "encoder_type": self.objective.encoder_type,
+                "num_classes": self.objective.num_classes,
                 "steps": self.global_step,
                 "test_set": self.setup.test_description,
                 "continuous": summary,

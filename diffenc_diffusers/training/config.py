@@ -111,6 +111,12 @@ TRAINING_CONFIG_FLAGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     "checkpointing_steps": (positive_int, 5000, "Write a checkpoint every N update steps."),
     "eval_batch_size": (positive_int, 128, "Batch size of test-set bits/dim and sampling."),
     "random_flip": (bool_type, False, "Flip training images horizontally at random (exact, in uint8)."),
+    "class_dropout_prob": (
+        unit_interval,
+        0.0,
+        "Class-conditional models: train on the null class instead of the label with this probability "
+        "(classifier-free guidance; needs null_class).",
+    ),
 }
 """The keys a preset's training_config.json may set: name -> (type, built-in default, help)."""
 

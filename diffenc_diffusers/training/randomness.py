@@ -6,8 +6,8 @@ noise:
 
 - the image order is an endless stream of permutations, epoch e's drawn from a generator seeded by (seed, e),
   read from a position (images consumed) that a checkpoint stores (:class:`StreamBatchSampler`);
-- t, eps, eps_0 and flips are drawn for the whole global micro-batch and each process takes its slice
-  (:func:`step_randomness`);
+- t, eps, eps_0, flips and class-label dropout are drawn for the whole global micro-batch and each process
+  takes its slice (:func:`step_randomness`);
 - dropout masks come from the global torch generator reseeded per (seed, step, micro-step, process)
   (:func:`dropout_seed`).
 """
@@ -38,7 +38,7 @@ def dropout_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
 def step_randomness(
     seed: int, step: int, micro_step: int, global_batch: int, shape: tuple[int, ...], rank: int, per_rank: int
 ) -> dict[str, torch.Tensor]:
-    """t, eps, eps_0 and flips for this process' slice of one global micro-batch.
+    """t, eps, eps_0, flips and label-dropout uniforms for this process' slice of one global micro-batch.
 
     They are drawn for the whole global batch of ``global_batch`` images from a generator seeded by
     (seed, step, micro_step), and process ``rank`` takes images ``[rank * per_rank, (rank + 1) * per_rank)``,
@@ -46,8 +46,10 @@ def step_randomness(
     the global batch: t_i = (u + i / global_batch) mod 1 (float64).
 
     Returns:
-        dict with ``t`` (per_rank,) float64, ``noise`` and ``recon_noise`` (per_rank, *shape) float32 and
-        ``flip`` (per_rank,) bool.
+        dict with ``t`` (per_rank,) float64, ``noise`` and ``recon_noise`` (per_rank, *shape) float32, ``flip``
+        (per_rank,) bool and ``label_uniform`` (per_rank,) float32 in [0, 1) (an image's label is dropped to the
+        null class when its uniform is below the dropout probability). Each is drawn after the ones before it,
+        so adding a draw at the end leaves the earlier ones, and runs made before it, unchanged.
     """
     generator = torch.Generator().manual_seed(derive_seed(seed, step, micro_step, _SALT_BATCH))
     u = torch.rand((), generator=generator, dtype=torch.float64)
@@ -55,8 +57,10 @@ def step_randomness(
     noise = torch.randn((global_batch, *shape), generator=generator)
     recon_noise = torch.randn((global_batch, *shape), generator=generator)
     flip = torch.rand(global_batch, generator=generator) < 0.5
+    label_uniform = torch.rand(global_batch, generator=generator)
     part = slice(rank * per_rank, (rank + 1) * per_rank)
-    return {"t": t[part], "noise": noise[part], "recon_noise": recon_noise[part], "flip": flip[part]}
+    draws = {"t": t, "noise": noise, "recon_noise": recon_noise, "flip": flip, "label_uniform": label_uniform}
+    return {name: value[part] for name, value in draws.items()}
 
 
 class StreamBatchSampler(Sampler[list[int]]):

@@ -90,6 +90,10 @@ class TrainingStep:
             the same norm on their own, so that their far larger gradient does not shrink the others' (the reported
             norm is that of the others).
         random_flip (`bool`): flip each training image horizontally with probability 1/2 (exact, on uint8).
+        class_dropout_prob (`float`): for a class-conditional objective, train each image on the null class
+            instead of its label with this probability in [0, 1) (classifier-free guidance, as in Ho & Salimans
+            2022: one network learns the conditional and the unconditional model). Needs networks with
+            `null_class=True`; 0 trains on the labels only.
     """
 
     def __init__(
@@ -103,6 +107,7 @@ class TrainingStep:
         seed: int = 0,
         max_grad_norm: float | None = None,
         random_flip: bool = False,
+        class_dropout_prob: float = 0.0,
     ):
         if not isinstance(accelerator.unwrap_model(objective), DiffEncObjective):
             raise TypeError(
@@ -111,6 +116,17 @@ class TrainingStep:
             )
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"`max_grad_norm` must be positive or None (no clipping), got {max_grad_norm!r}.")
+        unwrapped = accelerator.unwrap_model(objective)
+        if isinstance(class_dropout_prob, bool) or not (
+            isinstance(class_dropout_prob, (int, float)) and 0.0 <= class_dropout_prob < 1.0
+        ):
+            raise ValueError(f"`class_dropout_prob` must be a float in [0, 1), got {class_dropout_prob!r}.")
+        if class_dropout_prob > 0 and unwrapped.null_label is None:
+            kind = "has no null class (`null_class=False`)" if unwrapped.is_class_conditional else "is unconditional"
+            raise ValueError(
+                f"`class_dropout_prob={class_dropout_prob}` replaces labels by the null class, but this model {kind}. "
+                "Use class_dropout_prob=0, or networks with num_class_embeds and null_class=True."
+            )
         self.accelerator = accelerator
         self.objective = objective
         self.optimizer = optimizer
@@ -119,10 +135,13 @@ class TrainingStep:
         self.seed = seed
         self.max_grad_norm = math.inf if max_grad_norm is None else max_grad_norm
         self.random_flip = random_flip
-        self.parameters = list(accelerator.unwrap_model(objective).parameters())
+        self.class_dropout_prob = float(class_dropout_prob)
+        self.null_label = unwrapped.null_label
+        self.is_class_conditional = unwrapped.is_class_conditional
+        self.parameters = list(unwrapped.parameters())
         # Parameters trained on the gradient of the loss variance (a monotone schedule's interior) have gradients
         # orders of magnitude above the ELBO gradient's: clipped together, they would shrink the networks' steps.
-        variance = {id(p) for p in accelerator.unwrap_model(objective).variance_gradient_parameters()}
+        variance = {id(p) for p in unwrapped.variance_gradient_parameters()}
         groups = (
             [p for p in self.parameters if id(p) not in variance],
             [p for p in self.parameters if id(p) in variance],
@@ -133,7 +152,9 @@ class TrainingStep:
         """Run update number ``step`` on the next `gradient_accumulation_steps` batches of ``batches``.
 
         Args:
-            batches: yields this process' uint8 images (B, C, H, W); every process must use the same B.
+            batches: yields this process' uint8 images (B, C, H, W), or (images, labels) pairs with int labels
+                (B,) (required for a class-conditional objective, ignored by an unconditional one); every process
+                must use the same B.
             step: the update's number (0 for the first), which keys its random draws.
         """
         accelerator = self.accelerator
@@ -142,7 +163,8 @@ class TrainingStep:
         totals = torch.zeros(len(TERM_NAMES) + 1, dtype=torch.float64, device=device)
         grad_norm = torch.tensor(float("nan"))
         for micro_step in range(accelerator.gradient_accumulation_steps):
-            images = next(batches).to(device)
+            images, labels = self._images_and_labels(next(batches))
+            images = images.to(device)
             per_rank = len(images)
             draws = step_randomness(
                 self.seed, step, micro_step, per_rank * world, tuple(images.shape[1:]), rank, per_rank
@@ -150,9 +172,20 @@ class TrainingStep:
             draws = {name: value.to(device) for name, value in draws.items()}
             if self.random_flip:
                 images = torch.where(draws["flip"].view(-1, 1, 1, 1), images.flip(-1), images)
+            if labels is not None:
+                labels = labels.to(device)
+                if self.class_dropout_prob > 0:
+                    dropped = draws["label_uniform"] < self.class_dropout_prob
+                    labels = torch.where(dropped, torch.full_like(labels, self.null_label), labels)
             torch.manual_seed(dropout_seed(self.seed, step, micro_step, rank))
             with accelerator.accumulate(self.objective):
-                terms = self.objective(images, t=draws["t"], noise=draws["noise"], recon_noise=draws["recon_noise"])
+                terms = self.objective(
+                    images,
+                    t=draws["t"],
+                    noise=draws["noise"],
+                    recon_noise=draws["recon_noise"],
+                    class_labels=labels,
+                )
                 accelerator.backward(terms.loss)
                 if accelerator.sync_gradients:
                     norms = [accelerator.clip_grad_norm_(group, self.max_grad_norm) for group in self._clip_groups]
@@ -167,6 +200,25 @@ class TrainingStep:
         totals = accelerator.reduce(totals, reduction="sum")
         means = {name: (totals[index] / totals[-1]).item() for index, name in enumerate(TERM_NAMES)}
         return TrainingStepOutput(**means, grad_norm=float(grad_norm), num_images=int(totals[-1].item()))
+
+    def _images_and_labels(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(images, labels) of one batch: labels are None for an unconditional objective, required otherwise."""
+        if isinstance(batch, (tuple, list)) and len(batch) != 2:
+            raise ValueError(f"A batch given as a sequence must be (images, labels), got {len(batch)} elements.")
+        images, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        if not self.is_class_conditional:
+            return images, None
+        if labels is None:
+            raise ValueError(
+                "This objective is class-conditional: `batches` must yield (images, labels) pairs, got a batch "
+                f"of type {type(batch).__name__} without labels."
+            )
+        if not isinstance(labels, torch.Tensor) or labels.shape != (len(images),):
+            shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(
+                f"The labels of a batch of {len(images)} images must have shape ({len(images)},), got {shape}."
+            )
+        return images, labels
 
 
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
