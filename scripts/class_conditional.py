@@ -9,7 +9,9 @@ labels, and on the null class: its own unconditional ELBO), and writes what docs
     docs/results/D_classcond.json          per run and per model: test bits/dim and its terms, mean and s.e.
     docs/results/D_classcond_table.md      the same as a markdown table, with the differences paired by seed
     docs/results/D_classcond_encoder.png   the per-class encoder figure of the first conditional seed
-    docs/results/D_classcond_samples.png   samples of the first conditional seed, one class per column
+    docs/results/D_classcond_samples_guidance<s>.png
+                                           samples of the first conditional seed, one class per column (10 rows),
+                                           with classifier-free guidance scale s (each of --guidance_scales)
 
 Run from the repository root (digits: about 40 minutes on 2 CPU cores):
 
@@ -56,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="Draws of t and noise per test image.")
     parser.add_argument("--out", type=Path, default=None, help="Run folders (default: outputs/<dataset>_classcond).")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results", help="Where results are written.")
+    parser.add_argument(
+        "--guidance_scales", type=float, nargs="+", default=[1.0, 3.0], help="Guidance scales of the sample grids."
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.jobs < 1 or args.repeats < 1:
         parser.error(f"--steps, --jobs and --repeats must be positive, got {args.steps}, {args.jobs}, {args.repeats}")
@@ -82,6 +87,30 @@ def read_run(model: str, run_dir: Path) -> dict[str, dict[str, float]]:
     if model == "conditional":
         rows["null_class"] = {term: evaluation["unconditional"][term] for term in TERMS}
     return rows
+
+
+def save_guided_grids(run_dir: Path, args: argparse.Namespace) -> list[Path]:
+    """Sample grids of the conditional pipeline in ``run_dir``: 10 samples of each class, class c in column c, one
+    grid per guidance scale (the same seed for every scale)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import torch
+
+    from diffenc_diffusers import DiffEncPipeline
+    from diffenc_diffusers.evaluation import generate_samples, make_grid, save_png
+
+    pipe = DiffEncPipeline.from_pretrained(str(run_dir))
+    pipe.set_progress_bar_config(disable=True)
+    num_classes = pipe.unet.config.num_class_embeds
+    labels = torch.arange(10 * num_classes) % num_classes
+    paths = []
+    for scale in args.guidance_scales:
+        samples = generate_samples(
+            pipe, len(labels), args.seeds[0], SAMPLING_STEPS[args.dataset], len(labels), 1.0, labels, scale
+        )
+        path = args.docs / f"{args.dataset}_classcond_samples_guidance{scale:g}.png"
+        paths.append(save_png(make_grid(samples), path))
+    return paths
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     prefix = f"{args.dataset}_classcond"
     first = run_dirs[("conditional", args.seeds[0])] / "evaluation"
     shutil.copy(first / "encoder.png", args.docs / f"{prefix}_encoder.png")
-    shutil.copy(first / "samples.png", args.docs / f"{prefix}_samples.png")
+    save_guided_grids(run_dirs[("conditional", args.seeds[0])], args)
     text = "\n".join(table) + "\n"
     (args.docs / f"{prefix}.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.docs / f"{prefix}_table.md").write_text(text)
