@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from diffenc_diffusers import DiffEncPipeline
+from diffenc_diffusers import DiffEncEncoderModel, DiffEncPipeline
 from diffenc_diffusers.pipeline_diffenc import PRESETS_DIR, preset_names, resolve_preset
 
 PRESETS = {
@@ -91,6 +91,11 @@ def test_paper_presets_follow_the_official_settings():
         assert scheduler["schedule"] == "fixed_linear" and scheduler["prediction_type"] == "v_prediction"
         unet = json.loads((folder / "unet" / "config.json").read_text())
         assert unet["hidden_channels"] == 128 and unet["dropout"] == 0.1
+        if name != "cifar10-vdmv-32":
+            # The official unet_mult_res encoder: Flax's default 32 groups, the config's 16 in the output norm.
+            encoder = DiffEncEncoderModel.from_config(json.loads((folder / "encoder" / "config.json").read_text()))
+            groups = [module.num_groups for module in encoder.modules() if isinstance(module, torch.nn.GroupNorm)]
+            assert encoder.norm_out.num_groups == 16 and groups.count(16) == 1 and set(groups) == {16, 32}
     assert json.loads((PRESETS_DIR / "cifar10-diffenc-32-4" / "unet" / "config.json").read_text())["num_layers"] == 32
 
 
