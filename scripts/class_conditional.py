@@ -27,11 +27,10 @@ import argparse
 import json
 import shutil
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_claim import ROOT, SAMPLING_STEPS, TERMS, mean_and_standard_error, train_and_evaluate
+from paper_claim import ROOT, SAMPLING_STEPS, TERMS, mean_and_standard_error, run_all, train_and_evaluate
 
 MODELS = {"conditional": "diffenc-trainable-classcond", "unconditional": "diffenc-trainable"}
 """Each model and the suffix of its preset name (the preset of model m on dataset D is ``D-<suffix>``)."""
@@ -116,8 +115,7 @@ def save_guided_grids(run_dir: Path, args: argparse.Namespace) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     jobs = [(model, seed) for seed in args.seeds for model in MODELS]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        run_dirs = dict(zip(jobs, pool.map(lambda job: run_one(*job, args), jobs), strict=True))
+    run_dirs = run_all(jobs, lambda model, seed: run_one(model, seed, args), args.jobs)
 
     runs: dict[int, dict[str, dict[str, float]]] = {seed: {} for seed in args.seeds}
     for (model, seed), run_dir in run_dirs.items():

@@ -30,6 +30,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -103,6 +104,17 @@ def train_and_evaluate(preset: str, run_dir: Path, seed: int, args: argparse.Nam
         for command in commands:
             subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     return run_dir
+
+
+def run_all(jobs: list[tuple], function: Callable[..., Path], workers: int) -> dict[tuple, Path]:
+    """``function(*job)`` for every job, ``workers`` at a time; every job runs even if another fails (the first
+    failure is raised after all have ended, so a repeated call has less to redo)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {job: pool.submit(function, *job) for job in jobs}
+    failed = [future.exception() for future in futures.values() if future.exception() is not None]
+    if failed:
+        raise failed[0]
+    return {job: future.result() for job, future in futures.items()}
 
 
 def evaluation_noise(run_dirs: dict[tuple[str, int], Path], args: argparse.Namespace) -> dict:
@@ -194,8 +206,7 @@ def plot_curves(curves: dict[str, list[dict[str, list[tuple[int, float]]]]], pat
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     jobs = [(variant, seed) for seed in args.seeds for variant in VARIANTS]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        run_dirs = dict(zip(jobs, pool.map(lambda job: run_one(*job, args), jobs), strict=True))
+    run_dirs = run_all(jobs, lambda variant, seed: run_one(variant, seed, args), args.jobs)
 
     args.docs.mkdir(parents=True, exist_ok=True)
     prefix = f"{args.dataset}_"
