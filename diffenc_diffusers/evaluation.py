@@ -22,9 +22,11 @@ sample grids cycle through the classes (``--guidance_scale``), and the encoder f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,20 @@ def _objective(pipe: Any, num_timesteps: int | None) -> DiffEncObjective:
 
 def _device(pipe: Any) -> torch.device:
     return next(pipe.unet.parameters()).device
+
+
+@contextlib.contextmanager
+def _eval_mode(objective: DiffEncObjective) -> Iterator[None]:
+    """The objective's networks in eval mode (no dropout), as bits_per_dim runs them; their modes are restored."""
+    networks = [module for module in (objective.unet, objective.encoder) if module is not None]
+    modes = [module.training for module in networks]
+    try:
+        for module in networks:
+            module.eval()
+        yield
+    finally:
+        for module, training in zip(networks, modes, strict=True):
+            module.train(training)
 
 
 def _encoder_is_conditional(pipe: Any) -> bool:
@@ -158,17 +174,18 @@ def diffusion_bpd_per_t(
     objective = _objective(pipe, num_timesteps)
     device = _device(pipe)
     rows = []
-    for index, t_value in enumerate(t_values):
-        generator = torch.Generator(device=device).manual_seed(repeat_seed(seed, 1_000_003 + index))
-        values = []
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].to(device)
-            labels = None if class_labels is None else class_labels[start : start + batch_size].to(device)
-            t = torch.full((len(batch),), float(t_value), dtype=torch.float64, device=device)
-            output = objective(batch, t=t, generator=generator, class_labels=labels)
-            values.append(output.loss_diff.double().cpu())
-        per_image = torch.cat(values).numpy()
-        rows.append({"t": float(t_value), "loss_diff": float(per_image.mean()), "se": standard_error(per_image)})
+    with _eval_mode(objective):
+        for index, t_value in enumerate(t_values):
+            generator = torch.Generator(device=device).manual_seed(repeat_seed(seed, 1_000_003 + index))
+            values = []
+            for start in range(0, len(images), batch_size):
+                batch = images[start : start + batch_size].to(device)
+                labels = None if class_labels is None else class_labels[start : start + batch_size].to(device)
+                t = torch.full((len(batch),), float(t_value), dtype=torch.float64, device=device)
+                output = objective(batch, t=t, generator=generator, class_labels=labels)
+                values.append(output.loss_diff.double().cpu())
+            per_image = torch.cat(values).numpy()
+            rows.append({"t": float(t_value), "loss_diff": float(per_image.mean()), "se": standard_error(per_image)})
     return rows
 
 
@@ -374,16 +391,17 @@ def _draw_encoder_figure(
     labels = None if labels is None else labels.to(device)
     null = None if labels is None or objective.null_label is None else torch.full_like(labels, objective.null_label)
     panels = []  # per t: [(title, values (N, C, H, W))]
-    for t_value in t_values:
-        gamma = objective.gamma(torch.full((len(x),), float(t_value), device=device))
-        encoding = objective.encode(x, gamma, class_labels=labels)
-        row = [(f"x_phi - x, t={t_value:.2f}", encoding.x_phi - x)]
-        if encoding.y is not None:
-            row.append((f"y_phi, t={t_value:.2f}", encoding.y))
-        if class_difference:
-            unconditional = objective.encode(x, gamma, class_labels=null)
-            row.append((f"y(c) - y(null), t={t_value:.2f}", encoding.y - unconditional.y))
-        panels.append(row)
+    with _eval_mode(objective):
+        for t_value in t_values:
+            gamma = objective.gamma(torch.full((len(x),), float(t_value), device=device))
+            encoding = objective.encode(x, gamma, class_labels=labels)
+            row = [(f"x_phi - x, t={t_value:.2f}", encoding.x_phi - x)]
+            if encoding.y is not None:
+                row.append((f"y_phi, t={t_value:.2f}", encoding.y))
+            if class_difference:
+                unconditional = objective.encode(x, gamma, class_labels=null)
+                row.append((f"y(c) - y(null), t={t_value:.2f}", encoding.y - unconditional.y))
+            panels.append(row)
     columns = 1 + sum(len(row) for row in panels)
     figure, axes = plt.subplots(len(x), columns, figsize=(1.3 * columns, 1.4 * len(x)), squeeze=False)
 
