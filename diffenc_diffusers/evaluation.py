@@ -13,14 +13,20 @@ It writes a JSON file with the test-set negative ELBO in bits per dimension, in 
 requested number of steps T (mean, standard error over images, standard error over repeated draws of t and
 the noise, and the mean of each term), plus the mean diffusion term at each t of a grid, which shows where the
 loss comes from. training/README.md documents every field.
+
+For a class-conditional pipeline the test split's labels are used (the conditional ELBO -log p(x | c)); with a
+null class the same model's unconditional ELBO and the per-image gain from knowing the class are reported too,
+sample grids cycle through the classes (``--guidance_scale``), and the encoder figure shows one image per class.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,7 @@ import torch
 
 from .data import BUILTIN_DATASETS
 from .discretization import uint8_to_grid
+from .models.class_embedding import check_class_labels
 from .objective import DiffEncObjective
 
 TERMS = ("bpd", "loss_recon", "loss_klz", "loss_diff")
@@ -48,6 +55,26 @@ def _objective(pipe: Any, num_timesteps: int | None) -> DiffEncObjective:
 
 def _device(pipe: Any) -> torch.device:
     return next(pipe.unet.parameters()).device
+
+
+@contextlib.contextmanager
+def _eval_mode(objective: DiffEncObjective) -> Iterator[None]:
+    """The objective's networks in eval mode (no dropout), as bits_per_dim runs them; their modes are restored."""
+    networks = [module for module in (objective.unet, objective.encoder) if module is not None]
+    modes = [module.training for module in networks]
+    try:
+        for module in networks:
+            module.eval()
+        yield
+    finally:
+        for module, training in zip(networks, modes, strict=True):
+            module.train(training)
+
+
+def _encoder_is_conditional(pipe: Any) -> bool:
+    """Whether the pipeline has an encoder network that takes class labels."""
+    encoder = getattr(pipe, "encoder", None)
+    return encoder is not None and encoder.config.get("num_class_embeds") is not None
 
 
 @torch.no_grad()
@@ -131,12 +158,14 @@ def diffusion_bpd_per_t(
     num_timesteps: int | None = None,
     batch_size: int = 128,
     seed: int = 0,
+    class_labels: torch.Tensor | None = None,
 ) -> list[dict[str, float]]:
     """The diffusion term at fixed times t, averaged over images: where the loss comes from.
 
     In continuous time the diffusion term of one image is an expectation over t ~ U(0, 1) of the value at t,
     so the mean over an even grid of t (midpoints) estimates the diffusion bits/dim. With T steps, t selects
-    the step from (i + 1) / T to i / T with i = floor(t T).
+    the step from (i + 1) / T to i / T with i = floor(t T). ``class_labels`` (N,) are the labels of the images
+    for a class-conditional pipeline (None for an unconditional one).
 
     Returns:
         one dict per t: ``t``, ``loss_diff`` (mean over images, bits/dim) and ``se`` (its standard error
@@ -145,15 +174,18 @@ def diffusion_bpd_per_t(
     objective = _objective(pipe, num_timesteps)
     device = _device(pipe)
     rows = []
-    for index, t_value in enumerate(t_values):
-        generator = torch.Generator(device=device).manual_seed(repeat_seed(seed, 1_000_003 + index))
-        values = []
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].to(device)
-            t = torch.full((len(batch),), float(t_value), dtype=torch.float64, device=device)
-            values.append(objective(batch, t=t, generator=generator).loss_diff.double().cpu())
-        per_image = torch.cat(values).numpy()
-        rows.append({"t": float(t_value), "loss_diff": float(per_image.mean()), "se": standard_error(per_image)})
+    with _eval_mode(objective):
+        for index, t_value in enumerate(t_values):
+            generator = torch.Generator(device=device).manual_seed(repeat_seed(seed, 1_000_003 + index))
+            values = []
+            for start in range(0, len(images), batch_size):
+                batch = images[start : start + batch_size].to(device)
+                labels = None if class_labels is None else class_labels[start : start + batch_size].to(device)
+                t = torch.full((len(batch),), float(t_value), dtype=torch.float64, device=device)
+                output = objective(batch, t=t, generator=generator, class_labels=labels)
+                values.append(output.loss_diff.double().cpu())
+            per_image = torch.cat(values).numpy()
+            rows.append({"t": float(t_value), "loss_diff": float(per_image.mean()), "se": standard_error(per_image)})
     return rows
 
 
@@ -162,17 +194,20 @@ def t_grid(num_points: int) -> list[float]:
     return [(k + 0.5) / num_points for k in range(num_points)]
 
 
-def make_grid(images: np.ndarray, min_cell: int = 32) -> np.ndarray:
-    """Tile uint8 images (N, H, W, C) into a near-square grid (uint8, H', W', C) with 1-pixel gaps.
+def make_grid(images: np.ndarray, min_cell: int = 32, columns: int | None = None) -> np.ndarray:
+    """Tile uint8 images (N, H, W, C) row by row into a grid (uint8, H', W', C) with 1-pixel gaps: ``columns``
+    wide, or near-square when None.
 
     Small images are enlarged by an integer factor (nearest neighbour) so each cell is at least ``min_cell``
     pixels high; this is for display only.
     """
+    if columns is not None and (isinstance(columns, bool) or not isinstance(columns, int) or columns < 1):
+        raise ValueError(f"`columns` must be a positive int or None (near-square), got {columns!r}.")
     count, height, width, channels = images.shape
     scale = max(1, math.ceil(min_cell / height))
     images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     height, width = height * scale, width * scale
-    columns = math.ceil(math.sqrt(count))
+    columns = math.ceil(math.sqrt(count)) if columns is None else min(columns, count)
     rows = math.ceil(count / columns)
     grid = np.zeros((rows * (height + 1) + 1, columns * (width + 1) + 1, channels), dtype=np.uint8)
     for index in range(count):
@@ -237,19 +272,27 @@ def save_sample_grid(
     eta: float = 1.0,
     class_labels: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    columns: int | None = None,
 ) -> np.ndarray:
     """Sample ``num_images`` images (of the classes ``class_labels``, for a class-conditional pipeline) and save
-    them as one grid PNG at ``path``; returns the grid (H, W, C)."""
+    them as one grid PNG at ``path``, ``columns`` wide (near-square if None; with labels arange(N) % K and
+    ``columns=K`` column k holds class k); returns the grid (H, W, C)."""
     samples = generate_samples(
         pipe, num_images, seed, num_inference_steps, batch_size, eta, class_labels, guidance_scale
     )
-    grid = make_grid(samples)
+    grid = make_grid(samples, columns=columns)
     save_png(grid, path)
     return grid
 
 
 @torch.no_grad()
-def save_encoder_figure(pipe: Any, images: torch.Tensor, t_values: list[float], path: str | Path) -> Path | None:
+def save_encoder_figure(
+    pipe: Any,
+    images: torch.Tensor,
+    t_values: list[float],
+    path: str | Path,
+    class_labels: torch.Tensor | None = None,
+) -> Path | None:
     """The encoder figure of the DiffEnc paper: for each image (a row), x, then x_phi(x, t) - x and
     y_phi(x, t) at each t.
 
@@ -262,24 +305,104 @@ def save_encoder_figure(pipe: Any, images: torch.Tensor, t_values: list[float], 
         images: uint8 (N, C, H, W), a few test images.
         t_values: times in [0, 1].
         path: where the PNG goes.
+        class_labels: int (N,) labels of the images, for a class-conditional pipeline: a conditional encoder
+            encodes each row with its label (required there), and each row's first title names the class.
+            Refused for an unconditional pipeline.
     """
+    objective = _objective(pipe, None)
+    labels = _figure_labels(objective, _encoder_is_conditional(pipe), class_labels, len(images))
+    if objective.encoder_type == "none":
+        return None
+    return _draw_encoder_figure(objective, images, labels, t_values, path, class_difference=False)
+
+
+@torch.no_grad()
+def save_class_encoder_figure(
+    pipe: Any,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    t_values: list[float],
+    path: str | Path,
+) -> Path | None:
+    """The per-class encoder figure of a class-conditional pipeline: the first image of each class present in
+    ``labels`` (a row per class, in class order), drawn as :func:`save_encoder_figure` draws a row, each encoded
+    with its label. For a conditional encoder with a null class each t also gets the panel
+    y_phi(x, t, c) - y_phi(x, t, null): what knowing the class changes in the encoding.
+
+    Args:
+        pipe: a class-conditional pipeline.
+        images: uint8 (N, C, H, W), e.g. the test set.
+        labels: int (N,) class labels 0 .. K - 1 of ``images``.
+        t_values: times in [0, 1].
+        path: where the PNG goes.
+
+    Returns:
+        The path, or None for a VDM (no encoder, nothing drawn).
+    """
+    objective = _objective(pipe, None)
+    if objective.num_classes is None:
+        raise ValueError("`save_class_encoder_figure` needs a class-conditional pipeline; this one is unconditional.")
+    if images.ndim != 4 or labels.shape != (len(images),):
+        raise ValueError(
+            f"`images` (N, C, H, W) and `labels` (N,) must describe the same images; got shapes "
+            f"{tuple(images.shape)} and {tuple(labels.shape)}."
+        )
+    labels = check_class_labels(labels, len(images), objective.num_classes, False)
+    if objective.encoder_type == "none":
+        return None
+    classes = sorted(set(labels.tolist()))
+    first = torch.tensor([int((labels == label).nonzero()[0]) for label in classes])
+    with_difference = _encoder_is_conditional(pipe) and objective.null_label is not None
+    return _draw_encoder_figure(objective, images[first], labels[first], t_values, path, with_difference)
+
+
+def _figure_labels(
+    objective: DiffEncObjective, encoder_is_conditional: bool, class_labels: torch.Tensor | None, count: int
+) -> torch.Tensor | None:
+    """The checked labels of an encoder figure's rows (None without labels)."""
+    if class_labels is None:
+        if encoder_is_conditional:
+            raise ValueError(
+                f"The encoder is class-conditional (num_class_embeds={objective.num_classes}): pass "
+                "`class_labels`, one label per image."
+            )
+        return None
+    if objective.num_classes is None:
+        raise ValueError("`class_labels` were given, but this pipeline's models are unconditional.")
+    return check_class_labels(class_labels, count, objective.num_classes, objective.null_label is not None)
+
+
+def _draw_encoder_figure(
+    objective: DiffEncObjective,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    t_values: list[float],
+    path: str | Path,
+    class_difference: bool,
+) -> Path:
+    """Rows of x, then per t: x_phi - x, y_phi (trainable) and y_phi(c) - y_phi(null) (``class_difference``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    objective = _objective(pipe, None)
-    if objective.encoder_type == "none":
-        return None
-    device = _device(pipe)
+    device = next(objective.unet.parameters()).device
     x = uint8_to_grid(images.to(device))
-    rows = []
-    for t_value in t_values:
-        gamma = objective.gamma(torch.full((len(x),), float(t_value), device=device))
-        encoding = objective.encode(x, gamma)
-        rows.append((encoding.x_phi - x, encoding.y))
-    with_y = objective.encoder_type == "trainable"
-    columns = 1 + len(t_values) * (2 if with_y else 1)
+    labels = None if labels is None else labels.to(device)
+    null = None if labels is None or objective.null_label is None else torch.full_like(labels, objective.null_label)
+    panels = []  # per t: [(title, values (N, C, H, W))]
+    with _eval_mode(objective):
+        for t_value in t_values:
+            gamma = objective.gamma(torch.full((len(x),), float(t_value), device=device))
+            encoding = objective.encode(x, gamma, class_labels=labels)
+            row = [(f"x_phi - x, t={t_value:.2f}", encoding.x_phi - x)]
+            if encoding.y is not None:
+                row.append((f"y_phi, t={t_value:.2f}", encoding.y))
+            if class_difference:
+                unconditional = objective.encode(x, gamma, class_labels=null)
+                row.append((f"y(c) - y(null), t={t_value:.2f}", encoding.y - unconditional.y))
+            panels.append(row)
+    columns = 1 + sum(len(row) for row in panels)
     figure, axes = plt.subplots(len(x), columns, figsize=(1.3 * columns, 1.4 * len(x)), squeeze=False)
 
     def show(axis: Any, value: torch.Tensor, title: str, signed: bool) -> None:
@@ -295,20 +418,19 @@ def save_encoder_figure(pipe: Any, images: torch.Tensor, t_values: list[float], 
         axis.set_yticks([])
 
     for row in range(len(x)):
-        show(axes[row, 0], x[row], "x", signed=False)
-        for column, t_value in enumerate(t_values):
-            difference, y = rows[column]
-            scale = float(difference[row].abs().max())
-            index = 1 + column * (2 if with_y else 1)
-            show(
-                axes[row, index],
-                difference[row],
-                f"x_phi - x, t={t_value:.2f}\n|max| {scale:.2g}",
-                signed=True,
-            )
-            if with_y:
-                y_scale = float(y[row].abs().max())
-                show(axes[row, index + 1], y[row], f"y_phi, t={t_value:.2f}\n|max| {y_scale:.2g}", signed=True)
+        if labels is None:
+            title = "x"
+        elif int(labels[row]) == objective.null_label:
+            title = "x, null class"
+        else:
+            title = f"x, class {int(labels[row])}"
+        show(axes[row, 0], x[row], title, signed=False)
+        column = 1
+        for t_panels in panels:
+            for name, values in t_panels:
+                scale = float(values[row].abs().max())
+                show(axes[row, column], values[row], f"{name}\n|max| {scale:.2g}", signed=True)
+                column += 1
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -336,6 +458,7 @@ def evaluate(
     seed: int = 0,
     t_grid_points: int = 20,
     t_grid_num_images: int | None = 256,
+    class_labels: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Test-set bits/dim in continuous time and for each T in ``num_timesteps``.
 
@@ -343,21 +466,71 @@ def evaluate(
     :func:`summarize_terms`' dict plus ``bpd_per_t`` (:func:`diffusion_bpd_per_t` on ``t_grid_points``
     midpoints, over the first ``t_grid_num_images`` images, all if None), ``bpd_per_t_mean`` (the mean of that
     curve, an estimate of ``loss_diff``) and ``seconds``.
+
+    A class-conditional pipeline needs ``class_labels`` (N,), the labels of the images: the results are then the
+    conditional ELBO -log p(x | c). If its networks have a null class, the dict also holds ``unconditional``, the
+    continuous-time result of the same model with every label the null label (its unconditional ELBO, on the
+    same draws of t and the noise), and ``class_gain``, :func:`class_gain` of the two.
     """
     grid = t_grid(t_grid_points)
-    grid_images = images if t_grid_num_images is None else images[:t_grid_num_images]
+    grid_count = len(images) if t_grid_num_images is None else min(t_grid_num_images, len(images))
 
-    def run(steps: int | None) -> dict[str, Any]:
+    def run(steps: int | None, labels: torch.Tensor | None) -> tuple[dict[str, Any], np.ndarray]:
         started = time.perf_counter()
-        summary = summarize_terms(bits_per_dim_terms(pipe, images, batch_size, steps, seed, repeats))
-        per_t = diffusion_bpd_per_t(pipe, grid_images, grid, steps, batch_size, seed)
+        terms = bits_per_dim_terms(pipe, images, batch_size, steps, seed, repeats, labels)
+        summary = summarize_terms(terms)
+        grid_labels = None if labels is None else labels[:grid_count]
+        per_t = diffusion_bpd_per_t(pipe, images[:grid_count], grid, steps, batch_size, seed, grid_labels)
         summary["bpd_per_t"] = per_t
         summary["bpd_per_t_mean"] = float(np.mean([row["loss_diff"] for row in per_t]))
-        summary["bpd_per_t_num_images"] = len(grid_images)
+        summary["bpd_per_t_num_images"] = grid_count
         summary["seconds"] = time.perf_counter() - started
-        return summary
+        return summary, terms["bpd"]
 
-    return {"continuous": run(None), "discrete": {str(steps): run(steps) for steps in num_timesteps}}
+    continuous, conditional_bpd = run(None, class_labels)
+    results: dict[str, Any] = {
+        "continuous": continuous,
+        "discrete": {str(steps): run(steps, class_labels)[0] for steps in num_timesteps},
+    }
+    objective = _objective(pipe, None)
+    if objective.null_label is not None and class_labels is not None:
+        unconditional, unconditional_bpd = run(None, torch.full_like(class_labels, objective.null_label))
+        results["unconditional"] = unconditional
+        num_dims = int(np.prod(images.shape[1:]))
+        results["class_gain"] = class_gain(conditional_bpd, unconditional_bpd, objective.num_classes, num_dims)
+    return results
+
+
+def class_gain(
+    conditional: np.ndarray, unconditional: np.ndarray, num_classes: int, num_dims: int
+) -> dict[str, float | int | None]:
+    """The paired per-image difference of the conditional and the unconditional negative ELBO of one model.
+
+    Args:
+        conditional: bits/dim of shape (repeats, N), -log p(x | c) per draw and image.
+        unconditional: the same with the null label, -log p(x), on the same draws.
+        num_classes: K.
+        num_dims: D = C H W.
+
+    Returns:
+        ``bpd_difference`` (the mean over images of each image's conditional minus unconditional bits/dim,
+        averaged over draws; negative when knowing the class helps), ``se`` (its standard error over images),
+        ``max_gain`` (log2(K) / D: for exact likelihoods the expected gain, unconditional minus conditional, is
+        the mutual information I(x; c) / D <= H(c) / D <= log2(K) / D bits/dim), ``num_images`` and ``repeats``.
+    """
+    if conditional.shape != unconditional.shape or conditional.ndim != 2:
+        raise ValueError(
+            f"`conditional` and `unconditional` must have the same shape (repeats, N), got {conditional.shape} "
+            f"and {unconditional.shape}."
+        )
+    difference = conditional.mean(axis=0) - unconditional.mean(axis=0)
+    return {
+        "bpd_difference": float(difference.mean()),
+        "se": standard_error(difference),
+        "max_gain": math.log2(num_classes) / num_dims,
+        "num_images": int(difference.size),
+        "repeats": int(conditional.shape[0]),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -379,6 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train_data_dir", help="An imagefolder directory (its test split or held-out part).")
     parser.add_argument("--dataset_config_name", default=None)
     parser.add_argument("--image_column", default=None)
+    parser.add_argument(
+        "--label_column",
+        default=None,
+        help="The column of integer class labels, for a class-conditional pipeline (default: the dataset's only "
+        "ClassLabel column; the built-in datasets have their labels).",
+    )
     parser.add_argument("--split", default="test", help="The split to evaluate.")
     parser.add_argument(
         "--holdout_fraction",
@@ -399,8 +578,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_samples", type=int, default=64)
     parser.add_argument("--num_inference_steps", type=int, default=256)
     parser.add_argument("--eta", type=float, default=1.0, help="1: ancestral sampler, 0: deterministic.")
-    parser.add_argument("--encoder_figure", default=None, help="PNG path for the encoder figure (DiffEnc only).")
-    parser.add_argument("--encoder_figure_images", type=int, default=4)
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="Classifier-free guidance of a class-conditional pipeline's sample grid (1: the conditional model; "
+        "other values need a null class).",
+    )
+    parser.add_argument(
+        "--encoder_figure",
+        default=None,
+        help="PNG path for the encoder figure (DiffEnc only; one test image per class for a conditional encoder).",
+    )
+    parser.add_argument(
+        "--encoder_figure_images", type=int, default=4, help="Rows of the encoder figure (not the per-class one)."
+    )
     parser.add_argument("--encoder_figure_t", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
     return parser
@@ -415,7 +607,7 @@ def _check_positive(name: str, value: int | None, allow_none: bool = False) -> N
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run ``diffenc-evaluate``; returns the result dict that is also written to ``--output_json``."""
-    from .data import load_image_splits
+    from .data import check_labels, load_image_splits
 
     args = build_parser().parse_args(argv)
     for name in ("repeats", "batch_size", "t_grid_points", "num_samples", "num_inference_steps"):
@@ -427,8 +619,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if any(not 0.0 <= t <= 1.0 for t in args.encoder_figure_t):
         raise ValueError(f"`--encoder_figure_t` values must be in [0, 1], got {args.encoder_figure_t}.")
 
+    if not math.isfinite(args.guidance_scale):
+        raise ValueError(f"`--guidance_scale` must be finite, got {args.guidance_scale}.")
+
     started = time.perf_counter()
     pipe = load_pipeline(args.pipeline, args.device)
+    objective = _objective(pipe, None)
+    num_classes = objective.num_classes
+    if args.guidance_scale != 1.0 and objective.null_label is None:
+        kind = "unconditional" if num_classes is None else "class-conditional without a null class"
+        raise ValueError(
+            f"`--guidance_scale {args.guidance_scale}` needs a class-conditional pipeline with a null class; this "
+            f"one is {kind}. Use --guidance_scale 1."
+        )
     config = pipe.unet.config
     shape = (int(config.in_channels), int(config.sample_size), int(config.sample_size))
     _, test, description = load_image_splits(
@@ -441,11 +644,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_split=None,
         test_split=args.split,
         holdout_fraction=args.holdout_fraction,
+        label_column=args.label_column,
     )
     images = test.to_tensor()
+    labels = None
+    if num_classes is not None:
+        if not test.has_labels:
+            raise ValueError(
+                f"The pipeline is class-conditional (num_class_embeds={num_classes}) but {description} has no "
+                "class labels: name the column that holds them with --label_column."
+            )
+        labels = test.labels_tensor()
     if args.num_images is not None and args.num_images < len(images):
         images = images[: args.num_images]
+        labels = None if labels is None else labels[: args.num_images]
         description = f"the first {len(images)} images of {description}"
+    if labels is not None:
+        check_labels(labels, num_classes, description)
 
     results = evaluate(
         pipe,
@@ -456,6 +671,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed=args.seed,
         t_grid_points=args.t_grid_points,
         t_grid_num_images=args.t_grid_num_images,
+        class_labels=labels,
     )
     output: dict[str, Any] = {
         "pipeline": args.pipeline,
@@ -467,13 +683,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "repeats": args.repeats,
         "seed": args.seed,
         "seeds": [repeat_seed(args.seed, repeat) for repeat in range(args.repeats)],
-        **results,
+        "class_conditional": num_classes is not None,
+        "num_classes": num_classes,
+        "guidance_scale": args.guidance_scale if num_classes is not None else None,
+        "continuous": results["continuous"],
+        "discrete": results["discrete"],
+        "unconditional": results.get("unconditional"),
+        "class_gain": results.get("class_gain"),
         "sample_grid": None,
         "sampling": None,
         "encoder_figure": None,
     }
     if args.sample_grid is not None:
         sampling_started = time.perf_counter()
+        sample_labels = None if num_classes is None else torch.arange(args.num_samples) % num_classes
         save_sample_grid(
             pipe,
             args.sample_grid,
@@ -482,6 +705,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.num_inference_steps,
             args.batch_size,
             args.eta,
+            class_labels=sample_labels,
+            guidance_scale=args.guidance_scale,
+            columns=num_classes,
         )
         output["sample_grid"] = str(args.sample_grid)
         output["sampling"] = {
@@ -491,9 +717,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seconds": time.perf_counter() - sampling_started,
         }
     if args.encoder_figure is not None:
-        figure = save_encoder_figure(
-            pipe, images[: args.encoder_figure_images], args.encoder_figure_t, args.encoder_figure
-        )
+        if _encoder_is_conditional(pipe):
+            figure = save_class_encoder_figure(pipe, images, labels, args.encoder_figure_t, args.encoder_figure)
+        else:
+            count = args.encoder_figure_images
+            figure = save_encoder_figure(
+                pipe,
+                images[:count],
+                args.encoder_figure_t,
+                args.encoder_figure,
+                class_labels=None if labels is None else labels[:count],
+            )
         output["encoder_figure"] = str(figure) if figure is not None else None
     output["seconds"] = time.perf_counter() - started
 
@@ -501,7 +735,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(output, indent=1))
     continuous = output["continuous"]
-    print(f"{description}: {continuous['bpd']:.4f} bits/dim (continuous time), written to {path}")
+    kind = "continuous time" if num_classes is None else "continuous time, conditional on the class"
+    if output["unconditional"] is not None:
+        kind += f"; unconditional {output['unconditional']['bpd']:.4f}"
+    print(f"{description}: {continuous['bpd']:.4f} bits/dim ({kind}), written to {path}")
     return output
 
 

@@ -32,6 +32,8 @@ MODEL_CARD_NAME = "README.md"
 WEIGHTS_PREFIX = "diffusion_pytorch_model"
 CONFIG_NAMES = ("config.json", "scheduler_config.json")
 MODEL_CARD_TAGS = ["diffenc", "vdm", "diffusion", "likelihood", "unconditional-image-generation"]
+CLASS_CONDITIONAL_TAG = "class-conditional"
+"""The tag of a class-conditional model's card, which replaces "unconditional-image-generation"."""
 
 _ENCODER_DESCRIPTIONS = {
     "none": "a Variational Diffusion Model (VDM, Kingma et al. 2021; no encoder)",
@@ -140,16 +142,25 @@ def make_model_card(
     trained (every entry of `training_info`), and how to use it. Converted weights pass `provenance` (see
     `diffenc_diffusers.conversion.ConversionResult.model_card_info`): its `license_id` and `license_link`
     become the card's license metadata, every other entry a row of a "Source of the weights" section.
+
+    A class-conditional pipeline (a network with `num_class_embeds`) gets the tag "class-conditional" instead of
+    "unconditional-image-generation" and no `pipeline_tag` (the Hub has no class-conditional task); the card
+    states the number of classes and whether there is a null class (classifier-free guidance, the unconditional
+    ELBO), and the usage snippet passes `class_labels=` (and `guidance_scale=` with a null class).
     """
     scheduler = pipeline.scheduler.config
     unet = pipeline.unet.config
     size = unet.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     dataset = (training_info or {}).get("dataset")
+    num_classes, null_class = _classes(pipeline)
+    tags = list(MODEL_CARD_TAGS)
+    if num_classes is not None:
+        tags[tags.index("unconditional-image-generation")] = CLASS_CONDITIONAL_TAG
     card_data = ModelCardData(
         library_name="diffusers",
-        pipeline_tag="unconditional-image-generation",
-        tags=list(MODEL_CARD_TAGS),
+        pipeline_tag="unconditional-image-generation" if num_classes is None else None,
+        tags=tags,
         datasets=[dataset] if isinstance(dataset, str) and "/" in dataset else None,
     )
     source_section = []
@@ -159,8 +170,12 @@ def make_model_card(
         if card_data.license == "other":
             card_data.license_name = "see-source"
             card_data.license_link = provenance.get("license_link")
-        source_section = ["## Source of the weights", "", _table(("", ""), [(k, _format_value(k, v)) for k, v in
-                                                                            rows.items()]), ""]
+        source_section = [
+            "## Source of the weights",
+            "",
+            _table(("", ""), [(k, _format_value(k, v)) for k, v in rows.items()]),
+            "",
+        ]
     encoder_parameters = (
         f"{sum(p.numel() for p in pipeline.encoder.parameters()):,}" if pipeline.encoder is not None else "none"
     )
@@ -175,6 +190,16 @@ def make_model_card(
         ),
         ("prediction", scheduler.prediction_type),
     ]
+    if num_classes is not None:
+        model_rows.append(("classes", f"{num_classes} (class_labels 0 .. {num_classes - 1})"))
+        model_rows.append(
+            (
+                "null class",
+                f"yes: label {num_classes}, the unconditional model (classifier-free guidance, the unconditional ELBO)"
+                if null_class
+                else "no (guidance_scale must be 1)",
+            )
+        )
     if bpd is None:
         likelihood = "Not evaluated yet."
     else:
@@ -183,18 +208,47 @@ def make_model_card(
         training = _table(("setting", "value"), [(str(k), _format_value(k, v)) for k, v in training_info.items()])
     else:
         training = "Training settings were not recorded."
-    usage = (
-        "```python\n"
-        "import torch\n"
-        "from diffenc_diffusers import DiffEncPipeline\n\n"
-        f'pipe = DiffEncPipeline.from_pretrained("{repo_id}")\n'
-        "generator = torch.Generator().manual_seed(0)\n"
-        "images = pipe(batch_size=4, num_inference_steps=1000, generator=generator).images\n\n"
-        "# Negative ELBO in bits/dim of uint8 images of shape (N, C, H, W)\n"
-        "likelihood = pipe.bits_per_dim(uint8_images, generator=generator)\n"
-        "print(likelihood.bpd.mean())\n"
-        "```"
-    )
+    if num_classes is None:
+        usage = (
+            "```python\n"
+            "import torch\n"
+            "from diffenc_diffusers import DiffEncPipeline\n\n"
+            f'pipe = DiffEncPipeline.from_pretrained("{repo_id}")\n'
+            "generator = torch.Generator().manual_seed(0)\n"
+            "images = pipe(batch_size=4, num_inference_steps=1000, generator=generator).images\n\n"
+            "# Negative ELBO in bits/dim of uint8 images of shape (N, C, H, W)\n"
+            "likelihood = pipe.bits_per_dim(uint8_images, generator=generator)\n"
+            "print(likelihood.bpd.mean())\n"
+            "```"
+        )
+    else:
+        guidance = 3.0 if null_class else 1.0
+        usage = (
+            "```python\n"
+            "import torch\n"
+            "from diffenc_diffusers import DiffEncPipeline\n\n"
+            f'pipe = DiffEncPipeline.from_pretrained("{repo_id}")\n'
+            "generator = torch.Generator().manual_seed(0)\n"
+            f"class_labels = torch.arange(4) % {num_classes}  # one class per image\n"
+            "images = pipe(\n"
+            "    batch_size=4, num_inference_steps=1000, generator=generator, class_labels=class_labels,\n"
+            f"    guidance_scale={guidance},\n"
+            ").images\n\n"
+            "# Conditional negative ELBO -log p(x | c) in bits/dim of uint8 images (N, C, H, W) with labels (N,)\n"
+            "likelihood = pipe.bits_per_dim(uint8_images, class_labels=labels, generator=generator)\n"
+            "print(likelihood.bpd.mean())\n"
+        )
+        if null_class:
+            usage += (
+                f"# The unconditional ELBO -log p(x) of the same model: the null label {num_classes}\n"
+                f"null = pipe.bits_per_dim(uint8_images, class_labels=torch.full_like(labels, {num_classes}))\n"
+            )
+        usage += "```"
+        if null_class:
+            usage += (
+                "\n\n`guidance_scale` s samples with out(null) + s (out(c) - out(null)); s = 1 is the conditional "
+                "model (one network call per step)."
+            )
     if scheduler.encoder_type == "trainable":
         usage += "\n\nSampling never uses the encoder; `bits_per_dim` needs it."
     content = "\n".join(
@@ -205,7 +259,8 @@ def make_model_card(
             "",
             f"# {repo_id.split('/')[-1]}",
             "",
-            f"An unconditional image model: {_ENCODER_DESCRIPTIONS[scheduler.encoder_type]}, made with "
+            f"{'An unconditional' if num_classes is None else f'A class-conditional ({num_classes} classes)'} "
+            f"image model: {_ENCODER_DESCRIPTIONS[scheduler.encoder_type]}, made with "
             "diffenc-diffusers, a diffusers implementation of [DiffEnc: Variational Diffusion with a Learned "
             "Encoder](https://arxiv.org/abs/2310.19789) (Nielsen et al., ICLR 2024).",
             "",
@@ -259,6 +314,14 @@ def upload_pipeline_folder(
         token=token,
         create_pr=create_pr,
     )
+
+
+def _classes(pipeline: DiffusionPipeline) -> tuple[int | None, bool]:
+    """(K, has a null class) of the pipeline's class-conditional networks; (None, False) if none is conditional."""
+    for model in (pipeline.unet, getattr(pipeline, "encoder", None)):
+        if model is not None and model.config.get("num_class_embeds") is not None:
+            return int(model.config["num_class_embeds"]), bool(model.config.get("null_class", False))
+    return None, False
 
 
 def _format_value(key: str, value: Any) -> str:

@@ -56,6 +56,12 @@ REQUIRED_COMPONENTS = ("unet", "scheduler")
 IMAGE_KEYS = ("image", "img", "images", "pixel_values")
 """Dict keys / dataset columns taken to hold the images when `image_column` is not given."""
 
+LABEL_KEYS = ("label", "labels", "class_labels")
+"""Dict keys of a DataLoader's batches taken to hold the class labels when `label_column` is not given."""
+
+INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+"""datasets value dtypes accepted for a column of class labels (a `datasets.ClassLabel` is int64)."""
+
 
 @dataclass
 class DiffEncLikelihoodOutput(BaseOutput):
@@ -281,6 +287,7 @@ class DiffEncPipeline(DiffusionPipeline):
         show_progress: bool = True,
         return_dict: bool = True,
         class_labels: torch.Tensor | None = None,
+        label_column: str | None = None,
     ) -> DiffEncLikelihoodOutput | tuple:
         r"""
         Per-image negative ELBO of 8-bit images, in bits per dimension, with each of its three terms.
@@ -293,12 +300,17 @@ class DiffEncPipeline(DiffusionPipeline):
         Args:
             images: One of
                 - a `torch.Tensor` of dtype uint8 and shape `(N, C, H, W)` (values 0..255);
-                - a `torch.utils.data.DataLoader` yielding such tensors, `(images, labels)` tuples or lists,
-                  or dicts with the images under `image_column` (its own batches are used);
+                - a `torch.utils.data.DataLoader` yielding such tensors, `(images, labels)` tuples or lists
+                  (images first, class labels second), or dicts with the images under `image_column` and the
+                  labels under `label_column` (its own batches are used);
                 - a `datasets.Dataset` with a column of PIL images (mode "L" for 1 channel, "RGB" for 3) or
-                  of uint8 arrays of shape `(C, H, W)`.
+                  of uint8 arrays of shape `(C, H, W)`, and for a class-conditional pipeline a column of
+                  integer labels (`label_column`).
                 C, H and W must equal the denoiser's `in_channels` and `sample_size`: images are never
-                resized, converted or cast.
+                resized, converted or cast. A class-conditional pipeline needs a label for every image:
+                `class_labels` with a tensor, the labels of the batches or of the dataset otherwise. An
+                unconditional pipeline does not read the labels of a DataLoader or dataset, so the same
+                labelled data serves both.
             batch_size (`int`, defaults to 64): Images per forward pass for a tensor or a `datasets.Dataset`.
             num_timesteps (`int`, *optional*): T for the discrete-time diffusion loss; `None` (default) for
                 continuous time (T = infinity).
@@ -310,8 +322,15 @@ class DiffEncPipeline(DiffusionPipeline):
             return_dict (`bool`, defaults to `True`): Return a [`DiffEncLikelihoodOutput`] instead of the
                 tuple `(bpd, loss_recon, loss_klz, loss_diff)`.
             class_labels (`torch.Tensor` of shape `(N,)`, *optional*): Integer labels of the images for a
-                class-conditional model: the result is the conditional ELBO -log p(x | c). Only with a uint8
-                tensor of images; required for a class-conditional model, refused for an unconditional one.
+                class-conditional model, 0 .. K - 1 or K (the null class, if the model has one): the result is
+                the conditional ELBO -log p(x | c). Only with a uint8 tensor of images (a DataLoader or a
+                dataset brings its own labels); required there for a class-conditional model, refused for an
+                unconditional one.
+            label_column (`str`, *optional*): The dict key of a DataLoader's batches or the `datasets.Dataset`
+                column holding the integer class labels. By default the only key named "label", "labels" or
+                "class_labels", and the only `datasets.ClassLabel` column of a dataset. Not for a tensor or for
+                tuple batches (whose second element is the labels). Checked when given; its values are read
+                only by a class-conditional pipeline.
 
         Returns:
             [`DiffEncLikelihoodOutput`] or `tuple`: per-image float32 CPU tensors of shape `(N,)`, in
@@ -334,8 +353,19 @@ class DiffEncPipeline(DiffusionPipeline):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"`generator` must be a single torch.Generator or None, got {type(generator).__name__}.")
         objective = DiffEncObjective(self.unet, self.scheduler, encoder=self.encoder, num_timesteps=num_timesteps)
-        batches = _image_batches(images, batch_size, image_column, self.image_shape)
-        label_batches = self._likelihood_labels(objective, images, class_labels, batch_size)
+        classes = _Classes(objective.num_classes, objective.null_label)
+        if class_labels is not None:
+            if classes.num_classes is None:
+                raise ValueError("`class_labels` were given, but this pipeline's models are unconditional.")
+            if not isinstance(images, torch.Tensor):
+                raise TypeError(
+                    "`class_labels` go with the images as a uint8 tensor (N, C, H, W); a DataLoader or a "
+                    "datasets.Dataset brings its own labels (the second element of its (images, labels) batches, "
+                    f"or the dict key / dataset column `label_column`). Got images of type {type(images).__name__}."
+                )
+        batches = _likelihood_batches(
+            images, batch_size, image_column, label_column, self.image_shape, classes, class_labels
+        )
 
         device = self._execution_device
         autocast = self._network_autocast(device)
@@ -345,8 +375,8 @@ class DiffEncPipeline(DiffusionPipeline):
         try:
             for module in networks:
                 module.eval()
-            for index, batch in enumerate(self.progress_bar(batches) if show_progress else batches):
-                labels = None if label_batches is None else label_batches[index].to(device)
+            for batch, labels in self.progress_bar(batches) if show_progress else batches:
+                labels = None if labels is None else labels.to(device)
                 with autocast:
                     output = objective(batch.to(device), generator=generator, class_labels=labels)
                 for name, values in terms.items():
@@ -362,27 +392,6 @@ class DiffEncPipeline(DiffusionPipeline):
         if not return_dict:
             return result.to_tuple()
         return result
-
-    @staticmethod
-    def _likelihood_labels(
-        objective: DiffEncObjective, images: Any, class_labels: torch.Tensor | None, batch_size: int
-    ) -> list[torch.Tensor] | None:
-        """The labels split like a tensor of images into batches (None for an unconditional model)."""
-        if not objective.is_class_conditional:
-            if class_labels is not None:
-                raise ValueError("`class_labels` were given, but this pipeline's models are unconditional.")
-            return None
-        if class_labels is None:
-            raise ValueError("This pipeline is class-conditional: pass `class_labels`, one label per image.")
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(
-                "For a class-conditional pipeline pass the images as a uint8 tensor (N, C, H, W) and their "
-                f"`class_labels` as a tensor (N,); got images of type {type(images).__name__}."
-            )
-        if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (images.shape[0],):
-            shape = tuple(class_labels.shape) if isinstance(class_labels, torch.Tensor) else type(class_labels).__name__
-            raise ValueError(f"`class_labels` must be a tensor of shape ({images.shape[0]},), got {shape}.")
-        return list(class_labels.split(batch_size))
 
     def _network_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         """Autocast to the networks' float16/bfloat16 (a no-op for float32/float64 networks).
@@ -654,32 +663,65 @@ def _check_pipeline_folder(folder: str | os.PathLike, passed: set[str]) -> None:
 # --------------------------------------------------------------------------------------------- image inputs
 
 
+_Batch = tuple[torch.Tensor, torch.Tensor | None]
+"""One batch of the likelihood: uint8 images (B, C, H, W) and their int64 labels (B,), or None (unconditional)."""
+
+
+@dataclass(frozen=True)
+class _Classes:
+    """The classes of the networks: K (None for an unconditional model) and the null label K (or None)."""
+
+    num_classes: int | None
+    null_label: int | None
+
+
 class _SizedBatches:
     """An iterable of batches with a known length (so that progress bars show a total)."""
 
-    def __init__(self, batches: Iterable[torch.Tensor], length: int):
+    def __init__(self, batches: Iterable[_Batch], length: int):
         self._batches = batches
         self._length = length
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[_Batch]:
         return iter(self._batches)
 
     def __len__(self) -> int:
         return self._length
 
 
-def _image_batches(
-    images: Any, batch_size: int, image_column: str | None, shape: tuple[int, int, int]
-) -> Iterable[torch.Tensor]:
-    """Checked uint8 batches (B, C, H, W) from a tensor, a DataLoader or a datasets.Dataset."""
+def _likelihood_batches(
+    images: Any,
+    batch_size: int,
+    image_column: str | None,
+    label_column: str | None,
+    shape: tuple[int, int, int],
+    classes: _Classes,
+    class_labels: torch.Tensor | None,
+) -> Iterable[_Batch]:
+    """Checked (images, labels) batches from a tensor (with `class_labels`), a DataLoader or a datasets.Dataset;
+    the labels are None for an unconditional model (whatever the data holds)."""
+    conditional = classes.num_classes is not None
     if isinstance(images, torch.Tensor):
+        if label_column is not None:
+            raise ValueError(
+                f"`label_column` ({label_column!r}) names a dict key of a DataLoader's batches or a column of a "
+                "datasets.Dataset; with the images as a tensor pass their labels as `class_labels`."
+            )
         images = _check_batch(images, shape, "`images`")
-        batches = (images[start : start + batch_size] for start in range(0, images.shape[0], batch_size))
-        return _SizedBatches(batches, math.ceil(images.shape[0] / batch_size))
+        labels = None
+        if conditional:
+            if class_labels is None:
+                raise ValueError("This pipeline is class-conditional: pass `class_labels`, one label per image.")
+            labels = _check_labels(class_labels, images.shape[0], classes, "`class_labels`")
+        starts = range(0, images.shape[0], batch_size)
+        batches = (
+            (images[start : start + batch_size], None if labels is None else labels[start : start + batch_size])
+            for start in starts
+        )
+        return _SizedBatches(batches, len(starts))
     if isinstance(images, torch.utils.data.DataLoader):
         batches = (
-            _check_batch(_batch_images(item, image_column), shape, f"batch {index} of the DataLoader")
-            for index, item in enumerate(images)
+            _loader_batch(item, index, image_column, label_column, shape, classes) for index, item in enumerate(images)
         )
         try:
             return _SizedBatches(batches, len(images))
@@ -687,11 +729,50 @@ def _image_batches(
             return batches
     datasets = sys.modules.get("datasets")
     if datasets is not None and isinstance(images, datasets.Dataset):
-        return _dataset_batches(images, batch_size, image_column, shape)
+        return _dataset_batches(images, batch_size, image_column, label_column, shape, classes)
     raise TypeError(
         "`images` must be a uint8 torch.Tensor of shape (N, C, H, W), a torch.utils.data.DataLoader of such "
         f"batches, or a datasets.Dataset; got {type(images).__name__}."
     )
+
+
+def _loader_batch(
+    item: Any,
+    index: int,
+    image_column: str | None,
+    label_column: str | None,
+    shape: tuple[int, int, int],
+    classes: _Classes,
+) -> _Batch:
+    what = f"batch {index} of the DataLoader"
+    images = _check_batch(_batch_images(item, image_column), shape, what)
+    conditional = classes.num_classes is not None
+    labels = _batch_labels(item, label_column, what, required=conditional)
+    if not conditional:
+        return images, None
+    return images, _check_labels(labels, images.shape[0], classes, f"the labels of {what}")
+
+
+def _check_labels(labels: Any, count: int, classes: _Classes, what: str) -> torch.Tensor:
+    """`labels` as int64 (count,) if they are an integer tensor of that shape holding labels of the model's
+    classes (0 .. K - 1, or K for a model with a null class); a ``TypeError``/``ValueError`` naming them otherwise."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{what} must be an integer torch.Tensor of shape ({count},), got {type(labels).__name__}.")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{what} must be integer class labels, got a tensor of dtype {labels.dtype}.")
+    if labels.shape != (count,):
+        raise ValueError(
+            f"{what} must be a tensor of shape ({count},), one label per image; got {tuple(labels.shape)}."
+        )
+    num_classes = classes.num_classes
+    limit = num_classes if classes.null_label is None else num_classes + 1
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= limit):
+        null = "" if classes.null_label is None else f", or {classes.null_label} (the null class)"
+        raise ValueError(
+            f"{what} must hold labels 0 .. {num_classes - 1}{null} (the model's num_class_embeds={num_classes}); "
+            f"got values in [{int(labels.min())}, {int(labels.max())}]."
+        )
+    return labels.long()
 
 
 def _check_batch(batch: Any, shape: tuple[int, int, int], what: str) -> torch.Tensor:
@@ -730,12 +811,54 @@ def _batch_images(item: Any, image_column: str | None) -> Any:
     return item
 
 
+def _batch_labels(item: Any, label_column: str | None, what: str, required: bool) -> Any:
+    """The labels of one DataLoader batch: the second element of a tuple or list, or a dict entry (the key
+    `label_column`, else the only key of :data:`LABEL_KEYS`); None when there are none and none are required."""
+    if isinstance(item, Mapping):
+        keys = list(item)
+        if label_column is not None:
+            if label_column not in item:
+                raise ValueError(f"`label_column` {label_column!r} is not among the keys of {what}: {keys}.")
+            return item[label_column]
+        found = [key for key in keys if key in LABEL_KEYS]
+        if len(found) == 1:
+            return item[found[0]]
+        if required:
+            raise ValueError(
+                f"This pipeline is class-conditional, and {what} is a dict with the keys {keys}: "
+                f"{'several' if found else 'none'} of them named {list(LABEL_KEYS)}, so it cannot tell which "
+                "holds the class labels; pass `label_column`."
+            )
+        return None
+    if label_column is not None:
+        raise ValueError(
+            f"`label_column` ({label_column!r}) names a key of dict batches, but {what} is a "
+            f"{type(item).__name__}; (images, labels) tuples and lists carry the labels as their second element."
+        )
+    if isinstance(item, (list, tuple)) and len(item) >= 2:
+        return item[1]
+    if required:
+        raise ValueError(
+            f"This pipeline is class-conditional, but {what} holds no class labels: the DataLoader must yield "
+            f"(images, labels) tuples or lists, or dicts with the labels under `label_column`; got a "
+            f"{type(item).__name__}{f' of length {len(item)}' if isinstance(item, (list, tuple)) else ''}."
+        )
+    return None
+
+
 def _dataset_batches(
-    dataset: Any, batch_size: int, image_column: str | None, shape: tuple[int, int, int]
+    dataset: Any,
+    batch_size: int,
+    image_column: str | None,
+    label_column: str | None,
+    shape: tuple[int, int, int],
+    classes: _Classes,
 ) -> _SizedBatches:
     datasets = sys.modules["datasets"]
     features = dataset.features
     names = list(dataset.column_names)
+    label_name = _dataset_label_column(dataset, label_column, required=classes.num_classes is not None)
+    labels_of = _dataset_labels(dataset, label_name, classes) if classes.num_classes is not None else None
     image_features = [name for name in names if isinstance(features[name], datasets.Image)]
     column = _pick_column(names, image_features, image_column, "dataset's columns")
     convert: Callable[[Any, int], torch.Tensor]
@@ -767,8 +890,55 @@ def _dataset_batches(
             return torch.stack(tensors)
 
     starts = range(0, len(dataset), batch_size)
-    batches = (convert(source[start : start + batch_size][column], start) for start in starts)
+    batches = (
+        (
+            convert(source[start : start + batch_size][column], start),
+            None if labels_of is None else labels_of(start, min(start + batch_size, len(dataset))),
+        )
+        for start in starts
+    )
     return _SizedBatches(batches, len(starts))
+
+
+def _dataset_label_column(dataset: Any, label_column: str | None, required: bool) -> str | None:
+    """The dataset's label column: `label_column` (which must exist), else its only `datasets.ClassLabel` column;
+    None when there is none and none is required."""
+    datasets = sys.modules["datasets"]
+    names = list(dataset.column_names)
+    if label_column is not None:
+        if label_column not in names:
+            raise ValueError(f"`label_column` {label_column!r} is not among the dataset's columns: {names}.")
+        return label_column
+    class_label_columns = [name for name in names if isinstance(dataset.features[name], datasets.ClassLabel)]
+    if len(class_label_columns) == 1:
+        return class_label_columns[0]
+    if required:
+        raise ValueError(
+            f"This pipeline is class-conditional, and the dataset has {len(class_label_columns) or 'no'} "
+            f"datasets.ClassLabel column(s) among its columns {names}, so it cannot tell which holds the class "
+            "labels; pass `label_column`."
+        )
+    return None
+
+
+def _dataset_labels(dataset: Any, column: str, classes: _Classes) -> Callable[[int, int], torch.Tensor]:
+    """A function (start, stop) -> the checked int64 labels of those examples of the column."""
+    dtype = _feature_dtype(dataset.features[column])
+    if dtype not in INTEGER_DTYPES:
+        raise TypeError(
+            f"The dataset column {column!r} holds {dtype} values; class labels must be integers (a "
+            "datasets.ClassLabel or an integer datasets.Value column)."
+        )
+    source = dataset.select_columns([column]).with_format(None)
+
+    def labels_of(start: int, stop: int) -> torch.Tensor:
+        what = f"the labels of examples {start} .. {stop - 1} of the dataset (column {column!r})"
+        values = source[start:stop][column]
+        if any(value is None for value in values):
+            raise ValueError(f"{what} include missing values (None); every image needs a class label.")
+        return _check_labels(torch.tensor(values, dtype=torch.int64), stop - start, classes, what)
+
+    return labels_of
 
 
 def _checked_image(image: Any, shape: tuple[int, int, int], what: str) -> torch.Tensor:

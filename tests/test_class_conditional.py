@@ -147,6 +147,112 @@ def test_bits_per_dim_with_class_labels_equals_the_objective(images):
         pipe.bits_per_dim(loader, class_labels=labels)
 
 
+def likelihood(pipe, source, seed=4, **kwargs):
+    return pipe.bits_per_dim(source, generator=torch.Generator().manual_seed(seed), show_progress=False, **kwargs)
+
+
+def assert_same(a, b):
+    for name in ("bpd", "loss_recon", "loss_klz", "loss_diff"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
+
+
+def labelled_dataset(images, labels, label_feature):
+    """A datasets.Dataset of PIL images with a label column "digit" of the given feature type."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    features = datasets.Features({"picture": datasets.Image(), "digit": label_feature})
+    rows = {"picture": [Image.fromarray(x[0].numpy(), mode="L") for x in images], "digit": labels.tolist()}
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def test_bits_per_dim_reads_the_labels_of_dataloaders_and_datasets(images):
+    datasets = pytest.importorskip("datasets")
+    pipe = conditional_pipeline()
+    labels = torch.tensor([2, 0, 3, 1])  # 3 is the null class
+    expected = likelihood(pipe, images, batch_size=2, class_labels=labels)
+    assert (expected.bpd - likelihood(pipe, images, batch_size=2, class_labels=labels.flip(0)).bpd).abs().min() > 0
+
+    pairs = torch.utils.data.TensorDataset(images, labels)
+    assert_same(likelihood(pipe, torch.utils.data.DataLoader(pairs, batch_size=2)), expected)
+    as_lists = torch.utils.data.DataLoader(
+        pairs, batch_size=2, collate_fn=lambda b: [torch.stack(c) for c in zip(*b, strict=True)]
+    )
+    assert_same(likelihood(pipe, as_lists), expected)
+    for key in ("label", "labels", "class_labels"):
+        dicts = [{"image": x, key: int(c), "index": i} for i, (x, c) in enumerate(zip(images, labels, strict=True))]
+        assert_same(likelihood(pipe, torch.utils.data.DataLoader(dicts, batch_size=2)), expected)
+    dicts = [{"image": x, "y": int(c), "label": 0} for x, c in zip(images, labels, strict=True)]
+    assert_same(likelihood(pipe, torch.utils.data.DataLoader(dicts, batch_size=2), label_column="y"), expected)
+
+    class_label = labelled_dataset(images, labels.clamp(max=2), datasets.ClassLabel(num_classes=3))
+    assert_same(
+        likelihood(pipe, class_label, batch_size=2),
+        likelihood(pipe, images, batch_size=2, class_labels=labels.clamp(max=2)),
+    )
+    integers = labelled_dataset(images, labels, datasets.Value("int32"))
+    assert_same(likelihood(pipe, integers, batch_size=2, label_column="digit"), expected)
+    with pytest.raises(
+        ValueError,
+        match=r"no datasets.ClassLabel column\(s\) among its columns \['picture', 'digit'\].*pass `label_column`",
+    ):
+        likelihood(pipe, integers, batch_size=2)
+
+
+def test_unconditional_pipeline_ignores_the_labels_of_a_loader_but_refuses_class_labels(images):
+    datasets = pytest.importorskip("datasets")
+    pipe = DiffEncPipeline(unet=make_unet(), scheduler=VDMScheduler(encoder_type="trainable"), encoder=make_encoder())
+    pipe.set_progress_bar_config(disable=True)
+    labels = torch.tensor([2, 0, 9, 1])  # not checked: never read
+    expected = likelihood(pipe, images, batch_size=2)
+    pairs = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=2)
+    assert_same(likelihood(pipe, pairs), expected)
+    dicts = torch.utils.data.DataLoader(
+        [{"image": x, "y": int(c)} for x, c in zip(images, labels, strict=True)], batch_size=2
+    )
+    assert_same(likelihood(pipe, dicts, label_column="y"), expected)
+    dataset = labelled_dataset(images, labels, datasets.ClassLabel(num_classes=10))
+    assert_same(likelihood(pipe, dataset, batch_size=2), expected)
+    with pytest.raises(ValueError, match="`class_labels` were given, but this pipeline's models are unconditional"):
+        likelihood(pipe, images, class_labels=labels)
+    with pytest.raises(ValueError, match="`label_column` 'z' is not among the keys of batch 0 of the DataLoader"):
+        likelihood(pipe, dicts, label_column="z")
+
+
+def test_labels_missing_or_wrong_in_a_loader_or_dataset_raise(images):
+    datasets = pytest.importorskip("datasets")
+    pipe = conditional_pipeline()
+    loader = torch.utils.data.DataLoader
+    with pytest.raises(ValueError, match=r"batch 0 of the DataLoader holds no class labels.*got a Tensor"):
+        likelihood(pipe, loader(images, batch_size=2))
+    with pytest.raises(ValueError, match=r"holds no class labels.*got a list of length 1"):
+        likelihood(pipe, loader(torch.utils.data.TensorDataset(images), batch_size=2))
+    with pytest.raises(
+        ValueError, match=r"keys \['image', 'label', 'labels'\]: several of them .* pass `label_column`"
+    ):
+        likelihood(pipe, loader([{"image": x, "label": 0, "labels": 1} for x in images], batch_size=2))
+    with pytest.raises(
+        ValueError, match=r"labels of batch 1 of the DataLoader must hold labels 0 \.\. 2, or 3 \(the null"
+    ):
+        likelihood(pipe, loader(torch.utils.data.TensorDataset(images, torch.tensor([0, 1, 2, 4])), batch_size=2))
+    with pytest.raises(TypeError, match=r"labels of batch 0 of the DataLoader must be integer class labels.*float32"):
+        likelihood(pipe, loader(torch.utils.data.TensorDataset(images, torch.zeros(4)), batch_size=2))
+    with pytest.raises(ValueError, match=r"`label_column` \('y'\) names a key of dict batches, but batch 0"):
+        likelihood(pipe, loader(torch.utils.data.TensorDataset(images, torch.zeros(4)), batch_size=2), label_column="y")
+    with pytest.raises(
+        ValueError, match=r"`label_column` \('y'\) names a dict key .* pass their labels as `class_labels`"
+    ):
+        likelihood(pipe, images, label_column="y", class_labels=torch.zeros(4, dtype=torch.long))
+    floats = labelled_dataset(images, torch.zeros(4), datasets.Value("float32"))
+    with pytest.raises(TypeError, match=r"column 'digit' holds float32 values; class labels must be integers"):
+        likelihood(pipe, floats, label_column="digit")
+    with pytest.raises(ValueError, match=r"`label_column` 'y' is not among the dataset's columns"):
+        likelihood(pipe, floats, label_column="y")
+    out_of_range = labelled_dataset(images, torch.tensor([0, 1, 5, 0]), datasets.ClassLabel(num_classes=6))
+    with pytest.raises(ValueError, match=r"labels of examples 2 \.\. 3 of the dataset \(column 'digit'\) must hold"):
+        likelihood(pipe, out_of_range, batch_size=2)
+
+
 def reference_guided_samples(pipe, labels, guidance_scale, steps, seed):
     """The guided sampler written out: out(null) + s (out(c) - out(null)) with separate network calls."""
     scheduler = pipe.scheduler

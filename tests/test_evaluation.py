@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import perturb_
 from PIL import Image
 
 from diffenc_diffusers import DiffEncEncoderModel, DiffEncPipeline, VDMScheduler, VDMUNetModel, evaluation
@@ -37,6 +39,25 @@ def tiny_pipeline(encoder_type: str = "trainable", size: int = 8) -> DiffEncPipe
     return DiffEncPipeline(unet=unet, scheduler=VDMScheduler(encoder_type=encoder_type), encoder=encoder)
 
 
+def conditional_pipeline(encoder_type: str = "trainable", null_class: bool = True) -> DiffEncPipeline:
+    """An untrained 8x8 pipeline with 10 classes (the digits), every parameter perturbed so that the class
+    changes the outputs."""
+    classes = {"num_class_embeds": 10, "null_class": null_class}
+    torch.manual_seed(0)
+    unet = VDMUNetModel(sample_size=8, in_channels=1, hidden_channels=16, num_layers=1, norm_num_groups=8, **classes)
+    encoder = None
+    if encoder_type == "trainable":
+        encoder = DiffEncEncoderModel(
+            sample_size=8, in_channels=1, block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=8, **classes
+        )
+        perturb_(encoder, 0.2, seed=2)
+    pipe = DiffEncPipeline(
+        unet=perturb_(unet, seed=1), scheduler=VDMScheduler(encoder_type=encoder_type), encoder=encoder
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory) -> tuple[Path, dict]:
     folder = tmp_path_factory.mktemp("eval")
@@ -60,8 +81,11 @@ def test_json_has_every_field(evaluated):
     assert written == json.loads(json.dumps(output))
     assert {
         "pipeline", "encoder_type", "dataset", "split", "test_set", "num_images", "repeats", "seed", "seeds",
-        "continuous", "discrete", "sample_grid", "sampling", "encoder_figure", "seconds",
+        "continuous", "discrete", "sample_grid", "sampling", "encoder_figure", "seconds", "class_conditional",
+        "num_classes", "guidance_scale", "unconditional", "class_gain",
     } <= set(written)  # fmt: skip
+    assert written["class_conditional"] is False and written["num_classes"] is None
+    assert written["guidance_scale"] is None and written["unconditional"] is None and written["class_gain"] is None
     assert written["num_images"] == 24 and written["repeats"] == 2 and len(written["seeds"]) == 2
     assert written["test_set"].startswith("the first 24 images of digits split 'test' (300 of 1797 images")
     assert set(written["discrete"]) == {"5", "50"}
@@ -174,3 +198,159 @@ def test_console_script_exits_zero(evaluated, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "cli.json").read_text())["num_images"] == 4
+
+
+def test_evaluate_reports_the_unconditional_elbo_and_the_class_gain_of_a_conditional_model():
+    pipe = conditional_pipeline()
+    images, labels = load_builtin_dataset("digits", "test")
+    images, labels = images[:12], labels[:12]
+    results = evaluation.evaluate(
+        pipe, images, [5], repeats=2, batch_size=6, seed=1, t_grid_points=2, t_grid_num_images=4, class_labels=labels
+    )
+    assert set(results) == {"continuous", "discrete", "unconditional", "class_gain"}
+    assert pipe.unet.training and pipe.encoder.training  # evaluated in eval mode (no dropout), modes restored
+    assert set(results["unconditional"]) >= RESULT_FIELDS
+
+    def draws(class_labels):
+        return np.stack(
+            [
+                pipe.bits_per_dim(
+                    images,
+                    batch_size=6,
+                    class_labels=class_labels,
+                    generator=torch.Generator().manual_seed(evaluation.repeat_seed(1, repeat)),
+                    show_progress=False,
+                )
+                .bpd.double()
+                .numpy()
+                for repeat in range(2)
+            ]
+        )
+
+    conditional, unconditional = draws(labels), draws(torch.full((12,), 10))
+    assert results["continuous"]["bpd"] == pytest.approx(conditional.mean(), rel=1e-6)
+    assert results["unconditional"]["bpd"] == pytest.approx(unconditional.mean(), rel=1e-6)
+    difference = conditional.mean(axis=0) - unconditional.mean(axis=0)
+    assert np.abs(difference).min() > 1e-6  # the class matters to this model
+    gain = results["class_gain"]
+    assert gain["bpd_difference"] == pytest.approx(difference.mean(), rel=1e-6)
+    assert gain["se"] == pytest.approx(difference.std(ddof=1) / np.sqrt(12), rel=1e-6)
+    assert gain["max_gain"] == pytest.approx(math.log2(10) / 64)
+    assert gain["num_images"] == 12 and gain["repeats"] == 2
+    # The per-t curve of the conditional model uses the labels: it differs from the null label's.
+    per_t = evaluation.diffusion_bpd_per_t(
+        pipe, images[:4], [0.25, 0.75], batch_size=6, seed=1, class_labels=labels[:4]
+    )
+    assert [row["loss_diff"] for row in per_t] == [row["loss_diff"] for row in results["continuous"]["bpd_per_t"]]
+    assert per_t != results["unconditional"]["bpd_per_t"]
+
+    without_null = evaluation.evaluate(
+        conditional_pipeline(null_class=False), images, [], batch_size=6, t_grid_points=1, class_labels=labels
+    )
+    assert set(without_null) == {"continuous", "discrete"}
+    with pytest.raises(ValueError, match="class-conditional: pass `class_labels`"):
+        evaluation.evaluate(pipe, images, [], batch_size=6, t_grid_points=1)
+
+
+def test_conditional_evaluation_end_to_end(tmp_path):
+    conditional_pipeline().save_pretrained(tmp_path / "pipe")
+    output = evaluation.main(
+        [
+            *("--pipeline", str(tmp_path / "pipe"), "--dataset", "digits", "--num_images", "30", "--repeats", "2"),
+            *("--num_timesteps", "5", "--batch_size", "15", "--t_grid_points", "2", "--t_grid_num_images", "6"),
+            *("--output_json", str(tmp_path / "eval.json"), "--sample_grid", str(tmp_path / "grid.png")),
+            *("--num_samples", "12", "--num_inference_steps", "2", "--guidance_scale", "2"),
+            *("--encoder_figure", str(tmp_path / "encoder.png"), "--encoder_figure_t", "0.5", "1"),
+        ]
+    )
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written == json.loads(json.dumps(output))
+    assert written["class_conditional"] is True and written["num_classes"] == 10
+    assert written["guidance_scale"] == 2.0
+    assert set(written["unconditional"]) >= RESULT_FIELDS and written["unconditional"]["num_images"] == 30
+    assert set(written["class_gain"]) == {"bpd_difference", "se", "max_gain", "num_images", "repeats"}
+    assert written["class_gain"]["bpd_difference"] == pytest.approx(
+        written["continuous"]["bpd"] - written["unconditional"]["bpd"], rel=1e-6
+    )
+    # The conditional ELBO with the test labels, as bits_per_dim computes it.
+    pipe = DiffEncPipeline.from_pretrained(str(tmp_path / "pipe"))
+    images, labels = load_builtin_dataset("digits", "test")
+    draws = [
+        pipe.bits_per_dim(
+            images[:30], batch_size=15, class_labels=labels[:30], generator=torch.Generator().manual_seed(seed),
+            show_progress=False,
+        ).bpd
+        for seed in written["seeds"]
+    ]  # fmt: skip
+    assert written["continuous"]["bpd"] == pytest.approx(torch.stack(draws).double().mean().item(), rel=1e-6)
+    # 12 samples of classes 0..9, 0, 1: one class per column, 10 columns of 8x8 enlarged 4x.
+    assert Image.open(tmp_path / "grid.png").size == (10 * 33 + 1, 2 * 33 + 1)
+    # The per-class figure: the first 30 test images hold 9 of the 10 classes, one row each; 1 + 2 t x 3 panels.
+    figure = Image.open(tmp_path / "encoder.png")
+    assert written["encoder_figure"] == str(tmp_path / "encoder.png")
+    assert figure.size == (round(1.3 * 7 * 120), round(1.4 * 9 * 120))
+
+
+def test_class_encoder_figure_draws_the_first_image_of_each_class(tmp_path, monkeypatch):
+    pipe = conditional_pipeline()
+    images, labels = load_builtin_dataset("digits", "test")
+    images, labels = images[:30], labels[:30]
+    drawn = {}
+    draw = evaluation._draw_encoder_figure
+
+    def record(objective, rows, row_labels, t_values, path, class_difference):
+        drawn.update(images=rows, labels=row_labels, class_difference=class_difference)
+        return draw(objective, rows, row_labels, t_values, path, class_difference)
+
+    monkeypatch.setattr(evaluation, "_draw_encoder_figure", record)
+    assert evaluation.save_class_encoder_figure(pipe, images, labels, [0.5], tmp_path / "c.png").is_file()
+    first = [labels.tolist().index(c) for c in sorted(set(labels.tolist()))]
+    assert drawn["labels"].tolist() == sorted(set(labels.tolist())) and 3 not in drawn["labels"].tolist()
+    assert torch.equal(drawn["images"], images[first]) and drawn["class_difference"] is True
+    no_null = conditional_pipeline(null_class=False)
+    evaluation.save_class_encoder_figure(no_null, images, labels, [0.5], tmp_path / "n.png")
+    assert drawn["class_difference"] is False
+    nontrainable = conditional_pipeline("nontrainable")
+    evaluation.save_class_encoder_figure(nontrainable, images, labels, [0.5], tmp_path / "t.png")
+    assert drawn["class_difference"] is False and len(drawn["labels"]) == 9
+    assert (
+        evaluation.save_class_encoder_figure(conditional_pipeline("none"), images, labels, [0.5], tmp_path / "v.png")
+        is None
+    )
+
+    evaluation.save_encoder_figure(pipe, images[:2], [0.5], tmp_path / "e.png", class_labels=labels[:2])
+    assert drawn["labels"].tolist() == labels[:2].tolist() and drawn["class_difference"] is False
+    with pytest.raises(ValueError, match=r"encoder is class-conditional \(num_class_embeds=10\): pass `class_labels`"):
+        evaluation.save_encoder_figure(pipe, images[:2], [0.5], tmp_path / "e.png")
+    with pytest.raises(ValueError, match="this pipeline's models are unconditional"):
+        evaluation.save_encoder_figure(tiny_pipeline(), images[:2], [0.5], tmp_path / "e.png", class_labels=labels[:2])
+    with pytest.raises(ValueError, match="needs a class-conditional pipeline"):
+        evaluation.save_class_encoder_figure(tiny_pipeline(), images, labels, [0.5], tmp_path / "e.png")
+    with pytest.raises(ValueError, match=r"labels 0 \.\. 9; got values in \[0, 10\]"):
+        evaluation.save_class_encoder_figure(pipe, images[:2], torch.tensor([0, 10]), [0.5], tmp_path / "e.png")
+
+
+def test_conditional_evaluation_errors(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path / "plain")
+    conditional_pipeline(null_class=False).save_pretrained(tmp_path / "no_null")
+    base = ["--dataset", "digits", "--output_json", str(tmp_path / "o.json"), "--num_images", "2"]
+    with pytest.raises(ValueError, match=r"`--guidance_scale 2.0` needs .* this one is unconditional"):
+        evaluation.main(["--pipeline", str(tmp_path / "plain"), *base, "--guidance_scale", "2"])
+    with pytest.raises(ValueError, match=r"this one is class-conditional without a null class"):
+        evaluation.main(["--pipeline", str(tmp_path / "no_null"), *base, "--guidance_scale", "2"])
+    with pytest.raises(ValueError, match=r"`--guidance_scale` must be finite"):
+        evaluation.main(["--pipeline", str(tmp_path / "no_null"), *base, "--guidance_scale", "nan"])
+
+
+def test_conditional_pipeline_on_unlabelled_data_names_label_column(tmp_path):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(20):
+        Image.fromarray(np.full((8, 8), index * 10, dtype=np.uint8), mode="L").save(folder / f"{index}.png")
+    conditional_pipeline().save_pretrained(tmp_path / "pipe")
+    args = ["--pipeline", str(tmp_path / "pipe"), "--train_data_dir", str(folder), "--output_json", "o.json"]
+    with pytest.raises(
+        ValueError, match=r"class-conditional \(num_class_embeds=10\) but .* has no class labels.*--label_column"
+    ):
+        evaluation.main([*args, "--cache_dir", str(tmp_path / "cache")])

@@ -259,3 +259,30 @@ def test_pipeline_files_lists_only_the_components_of_model_index(tmp_path):
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "config.json").write_text("{}")
     assert set(hub.pipeline_files(tmp_path)) == TRAINABLE_FILES - {"README.md"}
+
+
+@pytest.mark.parametrize("null_class", [True, False])
+def test_model_card_of_a_class_conditional_pipeline(null_class):
+    from conftest import make_encoder, make_unet
+
+    from diffenc_diffusers import VDMScheduler
+
+    classes = {"num_class_embeds": 10, "null_class": null_class}
+    pipe = DiffEncPipeline(
+        unet=make_unet(**classes), scheduler=VDMScheduler(encoder_type="trainable"), encoder=make_encoder(**classes)
+    )
+    card = hub.make_model_card(pipe, "org/digits-conditional", bpd=1.5)
+    assert "unconditional-image-generation" not in card.data.tags and "class-conditional" in card.data.tags
+    assert card.data.pipeline_tag is None
+    text = card.text
+    assert "A class-conditional (10 classes) image model" in text
+    assert "| classes | 10 (class_labels 0 .. 9) |" in text
+    assert "class_labels=class_labels" in text and "bits_per_dim(uint8_images, class_labels=labels" in text
+    if null_class:
+        assert "| null class | yes: label 10, the unconditional model" in text
+        assert "guidance_scale=3.0" in text and "torch.full_like(labels, 10)" in text
+    else:
+        assert "| null class | no (guidance_scale must be 1) |" in text
+        assert "guidance_scale=1.0" in text and "full_like" not in text
+    unconditional = hub.make_model_card(make_pipeline("trainable"), "org/plain").text
+    assert "An unconditional image model" in unconditional and "class_labels" not in unconditional
