@@ -85,7 +85,8 @@ class DiffEncLikelihoodOutput(BaseOutput):
 
 class DiffEncPipeline(DiffusionPipeline):
     r"""
-    Unconditional image generation and likelihood evaluation with a VDM or DiffEnc model.
+    Image generation (unconditional, or class-conditional with classifier-free guidance) and likelihood evaluation
+    with a VDM or DiffEnc model.
 
     DiffEnc (Nielsen et al., "DiffEnc: Variational Diffusion with a Learned Encoder", ICLR 2024) is a
     Variational Diffusion Model (Kingma et al., 2021) whose forward process runs on an encoding x_phi(x, t) of

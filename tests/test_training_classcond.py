@@ -154,6 +154,9 @@ def test_conditional_run_learns_the_classes_and_reports_both_elbos(conditional_p
         summary = summarize_terms(bits_per_dim_terms(pipe, images[:32], 32, class_labels=class_labels))
         assert summary["bpd"] == pytest.approx(reported["bpd"], rel=1e-5)
     assert conditional["bpd"] != unconditional["bpd"]
+    gain = conditional["class_gain"]
+    assert gain["bpd_difference"] == pytest.approx(conditional["bpd"] - unconditional["bpd"], abs=1e-9)
+    assert gain["max_gain"] == pytest.approx(torch.log2(torch.tensor(10.0)).item() / 64)
 
     # Resumed from step 3, the run ends with the same parameters: the labelled data stream and the label dropout
     # continue exactly.

@@ -600,10 +600,11 @@ class Trainer:
         """EMA test bits/dim (continuous time) and an EMA sample grid, on the main process; the raw weights
         are restored afterwards. Logged as test/* and the image ema_samples.
 
-        A class-conditional model is evaluated on the test labels (the conditional ELBO) and its grid cycles
-        through the classes; with a null class, the unconditional ELBO of the same weights and draws is added
-        under ``"unconditional"`` (logged as test_unconditional/*)."""
-        from diffenc_diffusers.evaluation import bits_per_dim_terms, save_sample_grid, summarize_terms
+        A class-conditional model is evaluated on the test labels (the conditional ELBO) and its grid has one
+        class per column; with a null class, the unconditional ELBO of the same weights and draws is added under
+        ``"unconditional"`` (logged as test_unconditional/*) and their paired difference under ``"class_gain"``
+        (:func:`~diffenc_diffusers.evaluation.class_gain`)."""
+        from diffenc_diffusers.evaluation import bits_per_dim_terms, class_gain, save_sample_grid, summarize_terms
 
         args = self.args
         objective = self.objective
@@ -617,14 +618,17 @@ class Trainer:
                 pipe = pipeline_from_objective(objective)
 
                 def test_bpd(class_labels: torch.Tensor | None) -> dict[str, Any]:
-                    terms = bits_per_dim_terms(
+                    return bits_per_dim_terms(
                         pipe, images, batch_size=args.eval_batch_size, seed=args.seed, class_labels=class_labels
                     )
-                    return summarize_terms(terms)
 
-                summary = test_bpd(labels)
+                terms = test_bpd(labels)
+                summary = summarize_terms(terms)
                 if objective.null_label is not None:
-                    summary["unconditional"] = test_bpd(torch.full_like(labels, objective.null_label))
+                    null_terms = test_bpd(torch.full_like(labels, objective.null_label))
+                    summary["unconditional"] = summarize_terms(null_terms)
+                    num_dims = int(images[0].numel())
+                    summary["class_gain"] = class_gain(terms["bpd"], null_terms["bpd"], objective.num_classes, num_dims)
                 grid = save_sample_grid(
                     pipe,
                     grid_path,
@@ -633,6 +637,7 @@ class Trainer:
                     num_inference_steps=args.num_inference_steps,
                     batch_size=args.eval_batch_size,
                     class_labels=grid_labels,
+                    columns=objective.num_classes,
                 )
         finally:
             objective.train()
