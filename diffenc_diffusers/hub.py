@@ -203,7 +203,10 @@ def make_model_card(
     if bpd is None:
         likelihood = "Not evaluated yet."
     else:
-        likelihood = f"Negative ELBO (an upper bound on the negative log-likelihood): **{float(bpd):.4f} bits/dim**."
+        elbo = (
+            "Negative ELBO" if num_classes is None else "Conditional negative ELBO -log p(x | c), on the images' labels"
+        )
+        likelihood = f"{elbo} (an upper bound on the negative log-likelihood): **{float(bpd):.4f} bits/dim**."
     if training_info:
         training = _table(("setting", "value"), [(str(k), _format_value(k, v)) for k, v in training_info.items()])
     else:

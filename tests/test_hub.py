@@ -276,6 +276,7 @@ def test_model_card_of_a_class_conditional_pipeline(null_class):
     assert card.data.pipeline_tag is None
     text = card.text
     assert "A class-conditional (10 classes) image model" in text
+    assert "Conditional negative ELBO -log p(x | c), on the images' labels (an upper bound" in text
     assert "| classes | 10 (class_labels 0 .. 9) |" in text
     assert "class_labels=class_labels" in text and "bits_per_dim(uint8_images, class_labels=labels" in text
     if null_class:

@@ -142,6 +142,8 @@ def test_conditional_run_learns_the_classes_and_reports_both_elbos(conditional_p
     assert result["num_classes"] == 10
     conditional, unconditional = result["continuous"], result["continuous"]["unconditional"]
     assert conditional["num_images"] == unconditional["num_images"] == 32
+    card = (output / "README.md").read_text()
+    assert "Conditional negative ELBO" in card and "test bits/dim of the null class" in card
     pipe = DiffEncPipeline.from_pretrained(str(output))
     assert pipe.unet.config.num_class_embeds == 10 and pipe.encoder.config.null_class
     assert pipe.unet.class_embedding.embedding.weight.abs().max() > 0

@@ -672,6 +672,8 @@ class Trainer:
             (args.output_dir / TEST_BPD_NAME).write_text(json.dumps(result, indent=1))
             info = training_info(args, self.global_step, self.world, self.setup.test_description)
             info["test images"] = summary["num_images"]
+            if "unconditional" in summary:
+                info["test bits/dim of the null class, -log p(x)"] = round(summary["unconditional"]["bpd"], 4)
             name = self.repo_id or args.output_dir.name
             make_model_card(pipe, name, training_info=info, bpd=summary["bpd"]).save(args.output_dir / MODEL_CARD_NAME)
             logger.info("Saved the EMA pipeline to %s (test %.4f bits/dim).", args.output_dir, summary["bpd"])
