@@ -9,6 +9,8 @@ labels, and on the null class: its own unconditional ELBO), and writes what docs
     docs/results/D_classcond.json          per run and per model: test bits/dim and its terms, mean and s.e.
     docs/results/D_classcond_table.md      the same as a markdown table, with the differences paired by seed
     docs/results/D_classcond_encoder.png   the per-class encoder figure of the first conditional seed
+    docs/results/D_classcond_gain.png      the conditional - null class EMA test bits/dim of each conditional seed
+                                           against the training step (from the runs' TensorBoard logs)
     docs/results/D_classcond_samples_guidance<s>.png
                                            samples of the first conditional seed, one class per column (10 rows),
                                            with classifier-free guidance scale s (each of --guidance_scales)
@@ -30,12 +32,20 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_claim import ROOT, SAMPLING_STEPS, TERMS, mean_and_standard_error, run_all, train_and_evaluate
+from paper_claim import (
+    ROOT,
+    SAMPLING_STEPS,
+    TERMS,
+    mean_and_standard_error,
+    read_curves,
+    run_all,
+    train_and_evaluate,
+)
 
 MODELS = {"conditional": "diffenc-trainable-classcond", "unconditional": "diffenc-trainable"}
 """Each model and the suffix of its preset name (the preset of model m on dataset D is ``D-<suffix>``)."""
 ROWS = {
-    "conditional": "class-conditional, -log p(x | c)",
+    "conditional": "class-conditional, -log p(x \\| c)",
     "null_class": "class-conditional, null class, -log p(x)",
     "unconditional": "unconditional, -log p(x)",
 }
@@ -113,6 +123,30 @@ def save_guided_grids(run_dir: Path, args: argparse.Namespace) -> list[Path]:
     return paths
 
 
+def plot_gain_curves(run_dirs: list[Path], seeds: list[int], bound: float, path: Path) -> None:
+    """The periodic EMA test bits/dim of the conditional model minus its null class's (the same images and draws)
+    against the step, one line per seed, with the exact-likelihood bound -log2(K)/D."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for run_dir, seed in zip(run_dirs, seeds, strict=True):
+        curves = read_curves(run_dir, ("test/bpd", "test_unconditional/bpd"))
+        null = dict(curves["test_unconditional/bpd"])
+        steps = [step for step, _ in curves["test/bpd"] if step in null]
+        gain = [value - null[step] for step, value in curves["test/bpd"] if step in null]
+        axis.plot(steps, gain, marker="o", label=f"seed {seed}")
+    axis.axhline(-bound, color="grey", linestyle="--", label="-log2(K)/D (exact likelihoods)")
+    axis.axhline(0.0, color="black", linewidth=0.5)
+    axis.set(xlabel="step", ylabel="bits/dim", title="-log p(x | c) minus null class, EMA test ELBO")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     jobs = [(model, seed) for seed in args.seeds for model in MODELS]
@@ -160,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         + f"; the bound for exact likelihoods is -log2(K)/D = {-gains[0]['max_gain']:.4f} bits/dim.",
     ]
+    conditional_runs = [run_dirs[("conditional", seed)] for seed in args.seeds]
+    plot_gain_curves(conditional_runs, args.seeds, gains[0]["max_gain"], args.docs / f"{prefix}_gain.png")
     text = "\n".join(table) + "\n"
     (args.docs / f"{prefix}.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.docs / f"{prefix}_table.md").write_text(text)

@@ -157,11 +157,11 @@ def mean_and_standard_error(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(variance / len(values))
 
 
-def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) pairs of train/bpd and test/bpd from the run's TensorBoard events."""
+def read_curves(run_dir: Path, tags: tuple[str, ...] = ("train/bpd", "test/bpd")) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) pairs of each TensorBoard scalar in ``tags`` from the run's events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    curves: dict[str, list[tuple[int, float]]] = {"train/bpd": [], "test/bpd": []}
+    curves: dict[str, list[tuple[int, float]]] = {tag: [] for tag in tags}
     for events in sorted((run_dir / "logs").rglob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
         accumulator.Reload()
