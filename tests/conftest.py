@@ -83,6 +83,16 @@ def write_tiny_preset(folder: Path, **training: object) -> Path:
     return folder
 
 
+def write_conditional_preset(folder: Path, num_classes: int = 10, **training: object) -> Path:
+    """The tiny preset of test_training with 10-class denoiser and encoder (null class), label dropout 0.2."""
+    write_tiny_preset(folder, class_dropout_prob=0.2, **training)
+    for component in ("unet", "encoder"):
+        path = folder / component / "config.json"
+        config = json.loads(path.read_text())
+        path.write_text(json.dumps({**config, "num_class_embeds": num_classes, "null_class": True}))
+    return folder
+
+
 @pytest.fixture
 def fresh_accelerator_state():
     """An Accelerator's settings are process-wide: start a test that builds one in-process from none, and leave

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_unet, write_tiny_preset
+from conftest import make_unet, write_conditional_preset, write_tiny_preset
 from safetensors.torch import load_file
 from test_training import FAST, REPO_ROOT, run, tensors_equal, train_command, train_diffenc
 from torch.utils.data import DataLoader
@@ -118,16 +118,6 @@ def test_objective_refuses_networks_that_disagree_on_the_classes():
     assert (objective.num_classes, objective.null_label) == (3, 3)
     assert DiffEncObjective(make_unet(num_class_embeds=3), VDMScheduler()).null_label is None
     assert DiffEncObjective(make_unet(), VDMScheduler()).num_classes is None
-
-
-def write_conditional_preset(folder: Path, num_classes: int = 10, **training: object) -> Path:
-    """The tiny preset of test_training with 10-class denoiser and encoder (null class), label dropout 0.2."""
-    write_tiny_preset(folder, class_dropout_prob=0.2, **training)
-    for component in ("unet", "encoder"):
-        path = folder / component / "config.json"
-        config = json.loads(path.read_text())
-        path.write_text(json.dumps({**config, "num_class_embeds": num_classes, "null_class": True}))
-    return folder
 
 
 @pytest.fixture(scope="module")
