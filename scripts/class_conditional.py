@@ -10,7 +10,8 @@ labels, and on the null class: its own unconditional ELBO), and writes what docs
     docs/results/D_classcond_table.md      the same as a markdown table, with the differences paired by seed
     docs/results/D_classcond_encoder.png   the per-class encoder figure of the first conditional seed
     docs/results/D_classcond_gain.png      the conditional - null class EMA test bits/dim of each conditional seed
-                                           against the training step (from the runs' TensorBoard logs)
+                                           (and --extra_gain_runs folder) against the training step, read from
+                                           the runs' TensorBoard logs
     docs/results/D_classcond_samples_guidance<s>.png
                                            samples of the first conditional seed, one class per column (10 rows),
                                            with classifier-free guidance scale s (each of --guidance_scales)
@@ -70,6 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--guidance_scales", type=float, nargs="+", default=[1.0, 3.0], help="Guidance scales of the sample grids."
     )
+    parser.add_argument(
+        "--extra_gain_runs",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="Output folders of other conditional runs (e.g. longer ones) to add to the gain figure.",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.jobs < 1 or args.repeats < 1:
         parser.error(f"--steps, --jobs and --repeats must be positive, got {args.steps}, {args.jobs}, {args.repeats}")
@@ -123,21 +131,21 @@ def save_guided_grids(run_dir: Path, args: argparse.Namespace) -> list[Path]:
     return paths
 
 
-def plot_gain_curves(run_dirs: list[Path], seeds: list[int], bound: float, path: Path) -> None:
-    """The periodic EMA test bits/dim of the conditional model minus its null class's (the same images and draws)
-    against the step, one line per seed, with the exact-likelihood bound -log2(K)/D."""
+def plot_gain_curves(run_dirs: list[Path], names: list[str], bound: float, path: Path) -> None:
+    """The periodic EMA test bits/dim of each conditional run minus its null class's (the same images and draws)
+    against the step, one line per run, with the exact-likelihood bound -log2(K)/D."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    for run_dir, seed in zip(run_dirs, seeds, strict=True):
+    for run_dir, name in zip(run_dirs, names, strict=True):
         curves = read_curves(run_dir, ("test/bpd", "test_unconditional/bpd"))
         null = dict(curves["test_unconditional/bpd"])
         steps = [step for step, _ in curves["test/bpd"] if step in null]
         gain = [value - null[step] for step, value in curves["test/bpd"] if step in null]
-        axis.plot(steps, gain, marker="o", label=f"seed {seed}")
+        axis.plot(steps, gain, marker="o", label=name)
     axis.axhline(-bound, color="grey", linestyle="--", label="-log2(K)/D (exact likelihoods)")
     axis.axhline(0.0, color="black", linewidth=0.5)
     axis.set(xlabel="step", ylabel="bits/dim", title="-log p(x | c) minus null class, EMA test ELBO")
@@ -194,8 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         + f"; the bound for exact likelihoods is -log2(K)/D = {-gains[0]['max_gain']:.4f} bits/dim.",
     ]
-    conditional_runs = [run_dirs[("conditional", seed)] for seed in args.seeds]
-    plot_gain_curves(conditional_runs, args.seeds, gains[0]["max_gain"], args.docs / f"{prefix}_gain.png")
+    conditional_runs = [run_dirs[("conditional", seed)] for seed in args.seeds] + args.extra_gain_runs
+    names = [f"seed {seed}" for seed in args.seeds] + [f"{run.parent.name}/{run.name}" for run in args.extra_gain_runs]
+    plot_gain_curves(conditional_runs, names, gains[0]["max_gain"], args.docs / f"{prefix}_gain.png")
     text = "\n".join(table) + "\n"
     (args.docs / f"{prefix}.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.docs / f"{prefix}_table.md").write_text(text)
