@@ -211,14 +211,16 @@ def make_model_card(
         training = _table(("setting", "value"), [(str(k), _format_value(k, v)) for k, v in training_info.items()])
     else:
         training = "Training settings were not recorded."
+    loading = (
+        "```python\n"
+        "import torch\n"
+        "from diffenc_diffusers import DiffEncPipeline\n\n"
+        f'pipe = DiffEncPipeline.from_pretrained("{repo_id}")\n'
+        "generator = torch.Generator().manual_seed(0)\n"
+    )
     if num_classes is None:
         usage = (
-            "```python\n"
-            "import torch\n"
-            "from diffenc_diffusers import DiffEncPipeline\n\n"
-            f'pipe = DiffEncPipeline.from_pretrained("{repo_id}")\n'
-            "generator = torch.Generator().manual_seed(0)\n"
-            "images = pipe(batch_size=4, num_inference_steps=1000, generator=generator).images\n\n"
+            loading + "images = pipe(batch_size=4, num_inference_steps=1000, generator=generator).images\n\n"
             "# Negative ELBO in bits/dim of uint8 images of shape (N, C, H, W)\n"
             "likelihood = pipe.bits_per_dim(uint8_images, generator=generator)\n"
             "print(likelihood.bpd.mean())\n"
@@ -227,12 +229,7 @@ def make_model_card(
     else:
         guidance = 3.0 if null_class else 1.0
         usage = (
-            "```python\n"
-            "import torch\n"
-            "from diffenc_diffusers import DiffEncPipeline\n\n"
-            f'pipe = DiffEncPipeline.from_pretrained("{repo_id}")\n'
-            "generator = torch.Generator().manual_seed(0)\n"
-            f"class_labels = torch.arange(4) % {num_classes}  # one class per image\n"
+            loading + f"class_labels = torch.arange(4) % {num_classes}  # one class per image\n"
             "images = pipe(\n"
             "    batch_size=4, num_inference_steps=1000, generator=generator, class_labels=class_labels,\n"
             f"    guidance_scale={guidance},\n"

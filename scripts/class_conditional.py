@@ -37,9 +37,11 @@ from paper_claim import (
     ROOT,
     SAMPLING_STEPS,
     TERMS,
+    check_run_args,
     mean_and_standard_error,
     read_curves,
     run_all,
+    run_parser,
     train_and_evaluate,
 )
 
@@ -60,14 +62,7 @@ DIFFERENCES = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=sorted(SAMPLING_STEPS), default="digits", help="The preset family.")
-    parser.add_argument("--steps", type=int, default=1000, help="Training steps of every run (same budget).")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=2, help="Runs trained at the same time (one thread each).")
-    parser.add_argument("--repeats", type=int, default=3, help="Draws of t and noise per test image.")
-    parser.add_argument("--out", type=Path, default=None, help="Run folders (default: outputs/<dataset>_classcond).")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results", help="Where results are written.")
+    parser = run_parser(__doc__.split("\n\n")[0], "classcond")
     parser.add_argument(
         "--guidance_scales", type=float, nargs="+", default=[1.0, 3.0], help="Guidance scales of the sample grids."
     )
@@ -78,14 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="Output folders of other conditional runs (e.g. longer ones) to add to the gain figure.",
     )
-    args = parser.parse_args(argv)
-    if args.steps < 1 or args.jobs < 1 or args.repeats < 1:
-        parser.error(f"--steps, --jobs and --repeats must be positive, got {args.steps}, {args.jobs}, {args.repeats}")
-    if len(args.seeds) < 2:
-        parser.error(f"--seeds needs at least 2 seeds for a standard error, got {args.seeds}")
-    if args.out is None:
-        args.out = ROOT / "outputs" / f"{args.dataset}_classcond"
-    return args
+    return check_run_args(parser, parser.parse_args(argv), "classcond")
 
 
 def run_one(model: str, seed: int, args: argparse.Namespace) -> Path:

@@ -42,28 +42,39 @@ TERMS = ("bpd", "loss_recon", "loss_klz", "loss_diff")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_parser(description: str, name: str) -> argparse.ArgumentParser:
+    """The flags every experiment script here shares; its run folders default to outputs/<dataset>_<name>."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--dataset", choices=sorted(SAMPLING_STEPS), default="digits", help="The preset family.")
     parser.add_argument("--steps", type=int, default=1000, help="Training steps of every run (same budget).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="Runs trained at the same time (one thread each).")
     parser.add_argument("--repeats", type=int, default=3, help="Draws of t and noise per test image.")
-    parser.add_argument("--out", type=Path, default=None, help="Run folders (default: outputs/<dataset>_claim).")
+    parser.add_argument("--out", type=Path, default=None, help=f"Run folders (default: outputs/<dataset>_{name}).")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results", help="Where results are written.")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = run_parser(__doc__.split("\n\n")[0], "claim")
     parser.add_argument(
         "--evaluation_noise",
         action="store_true",
         help="Also measure, on the first seed, the standard errors with 1, 3, ... --repeats draws per image and the "
         "paired per-image differences to VDM.",
     )
-    args = parser.parse_args(argv)
+    return check_run_args(parser, parser.parse_args(argv), "claim")
+
+
+def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> argparse.Namespace:
+    """Exit with a parser error unless --steps, --jobs, --repeats are positive and there are 2+ --seeds; default
+    --out to outputs/<dataset>_<name>."""
     if args.steps < 1 or args.jobs < 1 or args.repeats < 1:
         parser.error(f"--steps, --jobs and --repeats must be positive, got {args.steps}, {args.jobs}, {args.repeats}")
     if len(args.seeds) < 2:
         parser.error(f"--seeds needs at least 2 seeds for a standard error, got {args.seeds}")
     if args.out is None:
-        args.out = ROOT / "outputs" / f"{args.dataset}_claim"
+        args.out = ROOT / "outputs" / f"{args.dataset}_{name}"
     return args
 
 
