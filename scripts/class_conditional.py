@@ -10,8 +10,7 @@ labels, and on the null class: its own unconditional ELBO), and writes what docs
     docs/results/D_classcond_table.md      the same as a markdown table, with the differences paired by seed
     docs/results/D_classcond_encoder.png   the per-class encoder figure of the first conditional seed
     docs/results/D_classcond_gain.png      the conditional - null class EMA test bits/dim of each conditional seed
-                                           (and --extra_gain_runs folder) against the training step, read from
-                                           the runs' TensorBoard logs
+                                           against the training step, read from the runs' TensorBoard logs
     docs/results/D_classcond_samples_guidance<s>.png
                                            samples of the first conditional seed, one class per column (10 rows),
                                            with classifier-free guidance scale s (each of --guidance_scales)
@@ -65,13 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = run_parser(__doc__.split("\n\n")[0], "classcond")
     parser.add_argument(
         "--guidance_scales", type=float, nargs="+", default=[1.0, 3.0], help="Guidance scales of the sample grids."
-    )
-    parser.add_argument(
-        "--extra_gain_runs",
-        type=Path,
-        nargs="*",
-        default=[],
-        help="Output folders of other conditional runs (e.g. longer ones) to add to the gain figure.",
     )
     return check_run_args(parser, parser.parse_args(argv), "classcond")
 
@@ -190,8 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         + f"; the bound for exact likelihoods is -log2(K)/D = {-gains[0]['max_gain']:.4f} bits/dim.",
     ]
-    conditional_runs = [run_dirs[("conditional", seed)] for seed in args.seeds] + args.extra_gain_runs
-    names = [f"seed {seed}" for seed in args.seeds] + [f"{run.parent.name}/{run.name}" for run in args.extra_gain_runs]
+    conditional_runs = [run_dirs[("conditional", seed)] for seed in args.seeds]
+    names = [f"seed {seed}" for seed in args.seeds]
     plot_gain_curves(conditional_runs, names, gains[0]["max_gain"], args.docs / f"{prefix}_gain.png")
     text = "\n".join(table) + "\n"
     (args.docs / f"{prefix}.json").write_text(json.dumps(results, indent=1) + "\n")
