@@ -22,11 +22,9 @@ sample grids cycle through the classes (``--guidance_scale``), and the encoder f
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ import torch
 from .data import BUILTIN_DATASETS
 from .discretization import uint8_to_grid
 from .models.class_embedding import check_class_labels
-from .objective import DiffEncObjective
+from .objective import DiffEncObjective, network_classes, networks_in_eval_mode
 
 TERMS = ("bpd", "loss_recon", "loss_klz", "loss_diff")
 """The per-image terms, in bits/dim: the total and its reconstruction, prior and diffusion parts."""
@@ -57,24 +55,9 @@ def _device(pipe: Any) -> torch.device:
     return next(pipe.unet.parameters()).device
 
 
-@contextlib.contextmanager
-def _eval_mode(objective: DiffEncObjective) -> Iterator[None]:
-    """The objective's networks in eval mode (no dropout), as bits_per_dim runs them; their modes are restored."""
-    networks = [module for module in (objective.unet, objective.encoder) if module is not None]
-    modes = [module.training for module in networks]
-    try:
-        for module in networks:
-            module.eval()
-        yield
-    finally:
-        for module, training in zip(networks, modes, strict=True):
-            module.train(training)
-
-
 def _encoder_is_conditional(pipe: Any) -> bool:
     """Whether the pipeline has an encoder network that takes class labels."""
-    encoder = getattr(pipe, "encoder", None)
-    return encoder is not None and encoder.config.get("num_class_embeds") is not None
+    return network_classes(getattr(pipe, "encoder", None))[0] is not None
 
 
 @torch.no_grad()
@@ -174,7 +157,7 @@ def diffusion_bpd_per_t(
     objective = _objective(pipe, num_timesteps)
     device = _device(pipe)
     rows = []
-    with _eval_mode(objective):
+    with networks_in_eval_mode(objective):
         for index, t_value in enumerate(t_values):
             generator = torch.Generator(device=device).manual_seed(repeat_seed(seed, 1_000_003 + index))
             values = []
@@ -391,7 +374,7 @@ def _draw_encoder_figure(
     labels = None if labels is None else labels.to(device)
     null = None if labels is None or objective.null_label is None else torch.full_like(labels, objective.null_label)
     panels = []  # per t: [(title, values (N, C, H, W))]
-    with _eval_mode(objective):
+    with networks_in_eval_mode(objective):
         for t_value in t_values:
             gamma = objective.gamma(torch.full((len(x),), float(t_value), device=device))
             encoding = objective.encode(x, gamma, class_labels=labels)

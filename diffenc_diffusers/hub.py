@@ -27,6 +27,8 @@ from huggingface_hub import (
 )
 from huggingface_hub.errors import LocalEntryNotFoundError
 
+from .objective import network_classes
+
 MODEL_INDEX_NAME = "model_index.json"
 MODEL_CARD_NAME = "README.md"
 WEIGHTS_PREFIX = "diffusion_pytorch_model"
@@ -153,7 +155,7 @@ def make_model_card(
     size = unet.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     dataset = (training_info or {}).get("dataset")
-    num_classes, null_class = _classes(pipeline)
+    num_classes, null_class = network_classes(pipeline.unet, getattr(pipeline, "encoder", None))
     tags = list(MODEL_CARD_TAGS)
     if num_classes is not None:
         tags[tags.index("unconditional-image-generation")] = CLASS_CONDITIONAL_TAG
@@ -314,14 +316,6 @@ def upload_pipeline_folder(
         token=token,
         create_pr=create_pr,
     )
-
-
-def _classes(pipeline: DiffusionPipeline) -> tuple[int | None, bool]:
-    """(K, has a null class) of the pipeline's class-conditional networks; (None, False) if none is conditional."""
-    for model in (pipeline.unet, getattr(pipeline, "encoder", None)):
-        if model is not None and model.config.get("num_class_embeds") is not None:
-            return int(model.config["num_class_embeds"]), bool(model.config.get("null_class", False))
-    return None, False
 
 
 def _format_value(key: str, value: Any) -> str:

@@ -10,7 +10,9 @@ encoder's forward process x_phi(x, t) and the three loss terms.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -109,7 +111,7 @@ class DiffEncObjective(nn.Module):
                 "infinite in continuous time, so pass a finite `num_timesteps`."
             )
         conditional = {
-            name: (_num_classes(model), bool(model.config.get("null_class", False)))
+            name: network_classes(model)
             for name, model in (("denoiser", unet), ("encoder", encoder))
             if _num_classes(model) is not None
         }
@@ -191,15 +193,14 @@ class DiffEncObjective(nn.Module):
     @property
     def num_classes(self) -> int | None:
         """The number of classes K of a class-conditional model (labels 0 .. K - 1); None for an unconditional one."""
-        counts = [_num_classes(model) for model in (self.unet, self.encoder) if _num_classes(model) is not None]
-        return counts[0] if counts else None
+        return network_classes(self.unet, self.encoder)[0]
 
     @property
     def null_label(self) -> int | None:
         """The label K of the null class ("no label": the unconditional model of classifier-free guidance) when
         the class-conditional networks have one (`null_class=True`); None otherwise."""
-        models = [model for model in (self.unet, self.encoder) if _num_classes(model) is not None]
-        return self.num_classes if models and models[0].config.get("null_class", False) else None
+        num_classes, null_class = network_classes(self.unet, self.encoder)
+        return num_classes if null_class else None
 
     def encode(
         self,
@@ -456,6 +457,31 @@ class DiffEncObjective(nn.Module):
 def _num_classes(model: nn.Module | None) -> int | None:
     """The `num_class_embeds` of a model's config (None: unconditional, or no such config)."""
     return getattr(getattr(model, "config", None), "num_class_embeds", None)
+
+
+def network_classes(*models: nn.Module | None) -> tuple[int | None, bool]:
+    """(K, whether there is a null class) of the first class-conditional network among ``models`` (a config with
+    `num_class_embeds`); (None, False) if none is. :class:`DiffEncObjective` requires its conditional networks to
+    agree on both."""
+    for model in models:
+        if _num_classes(model) is not None:
+            return int(_num_classes(model)), bool(model.config.get("null_class", False))
+    return None, False
+
+
+@contextlib.contextmanager
+def networks_in_eval_mode(objective: DiffEncObjective) -> Iterator[None]:
+    """The objective's denoiser and encoder in eval mode (no dropout) within the block; afterwards each is back
+    in the mode it had."""
+    networks = [module for module in (objective.unet, objective.encoder) if module is not None]
+    modes = [module.training for module in networks]
+    try:
+        for module in networks:
+            module.eval()
+        yield
+    finally:
+        for module, training in zip(networks, modes, strict=True):
+            module.train(training)
 
 
 def _labels_for(model: nn.Module, class_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ from .hub import (
 )
 from .models import DiffEncEncoderModel, VDMUNetModel
 from .models.class_embedding import check_class_labels
-from .objective import DiffEncObjective
+from .objective import DiffEncObjective, networks_in_eval_mode
 from .scheduling_vdm import VDMScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -370,21 +370,14 @@ class DiffEncPipeline(DiffusionPipeline):
 
         device = self._execution_device
         autocast = self._network_autocast(device)
-        networks = [module for module in (self.unet, self.encoder) if module is not None]
-        was_training = [module.training for module in networks]
         terms: dict[str, list[torch.Tensor]] = {"bpd": [], "loss_recon": [], "loss_klz": [], "loss_diff": []}
-        try:
-            for module in networks:
-                module.eval()
+        with networks_in_eval_mode(objective):
             for batch, labels in self.progress_bar(batches) if show_progress else batches:
                 labels = None if labels is None else labels.to(device)
                 with autocast:
                     output = objective(batch.to(device), generator=generator, class_labels=labels)
                 for name, values in terms.items():
                     values.append(getattr(output, name).detach().to("cpu", torch.float32))
-        finally:
-            for module, training in zip(networks, was_training, strict=True):
-                module.train(training)
 
         self.maybe_free_model_hooks()
         if not terms["bpd"]:
