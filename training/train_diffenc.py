@@ -39,7 +39,13 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from diffenc_diffusers import DiffEncObjective, DiffEncPipeline, VDMScheduler  # noqa: E402
-from diffenc_diffusers.data import BUILTIN_DATASETS, UInt8ImageDataset, check_labels, load_image_splits  # noqa: E402
+from diffenc_diffusers.data import (  # noqa: E402
+    BUILTIN_DATASETS,
+    LabeledImageDataset,
+    UInt8ImageDataset,
+    check_labels,
+    load_image_splits,
+)
 from diffenc_diffusers.training import (  # noqa: E402
     StreamBatchSampler,
     TrainingStep,
@@ -298,14 +304,17 @@ def load_data(
 
 @dataclass
 class Setup:
-    """Everything checked before training starts: the untrained objective, the data (with checked class labels
-    for a class-conditional model) and where to resume (with the checkpoint's training state, read once)."""
+    """Everything checked before training starts: the untrained objective, the data (with its class labels, read
+    and checked once, for a class-conditional model; None otherwise) and where to resume (with the checkpoint's
+    training state, read once)."""
 
     objective: DiffEncObjective
     shape: tuple[int, int, int]
     train_set: UInt8ImageDataset
     test_set: UInt8ImageDataset
     test_description: str
+    train_labels: torch.Tensor | None
+    test_labels: torch.Tensor | None
     resume_dir: Path | None
     resume_state: dict[str, Any] | None
 
@@ -316,7 +325,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     objective = DiffEncObjective(unet, scheduler, encoder, num_timesteps=args.num_timesteps)
     shape = (int(unet.config.in_channels), args.resolution, args.resolution)
     train_set, test_set, test_description = load_data(args, shape)
-    check_class_conditioning(args, objective, train_set, test_set)
+    train_labels, test_labels = check_class_conditioning(args, objective, train_set, test_set)
     resume_dir = None
     if args.resume_from_checkpoint == "latest":
         resume_dir = find_latest_checkpoint(args.output_dir)
@@ -338,33 +347,39 @@ def prepare(args: argparse.Namespace) -> Setup:
                 f"--resume_from_checkpoint: {error} Use 'latest' to pick the newest complete one."
             ) from None
         check_resumed_run(resume_dir, resume_state, args, scheduler)
-    return Setup(objective, shape, train_set, test_set, test_description, resume_dir, resume_state)
+    return Setup(
+        objective, shape, train_set, test_set, test_description, train_labels, test_labels, resume_dir, resume_state
+    )
 
 
 def check_class_conditioning(
     args: argparse.Namespace, objective: DiffEncObjective, train_set: UInt8ImageDataset, test_set: UInt8ImageDataset
-) -> None:
-    """``ValueError`` unless a class-conditional preset has data with labels in its classes, and
-    --class_dropout_prob is used only with a null class."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The (train, test) class labels of a class-conditional preset, (None, None) for an unconditional one;
+    ``ValueError`` unless the data has labels in the model's classes and --class_dropout_prob is used only with
+    a null class."""
     if objective.num_classes is None:
         if args.class_dropout_prob > 0:
             raise ValueError(
                 f"--class_dropout_prob {args.class_dropout_prob} needs a class-conditional preset (networks with "
                 f"num_class_embeds and null_class); {args.preset!r} is unconditional."
             )
-        return
+        return None, None
     if args.class_dropout_prob > 0 and objective.null_label is None:
         raise ValueError(
             f"--class_dropout_prob {args.class_dropout_prob} trains the null class, but the networks of "
             f"{args.preset!r} have null_class=False: use --class_dropout_prob 0 or a preset with a null class."
         )
+    labels = []
     for dataset in (train_set, test_set):
         if not dataset.has_labels:
             raise ValueError(
                 f"The preset {args.preset!r} is class-conditional (num_class_embeds={objective.num_classes}), but "
                 f"{dataset.name} has no class labels: name their column with --label_column."
             )
-        check_labels(dataset.labels_tensor(), objective.num_classes, dataset.name)
+        labels.append(dataset.labels_tensor())
+        check_labels(labels[-1], objective.num_classes, dataset.name)
+    return labels[0], labels[1]
 
 
 def check_resumed_run(folder: Path, state: dict[str, Any], args: argparse.Namespace, scheduler: VDMScheduler) -> None:
@@ -504,7 +519,9 @@ class Trainer:
         if objective.is_class_conditional:
             # (image, label) pairs, collated to (images, labels) batches.
             loader = DataLoader(
-                setup.train_set.labeled(), batch_sampler=sampler, num_workers=args.dataloader_num_workers
+                LabeledImageDataset(setup.train_set, setup.train_labels),
+                batch_sampler=sampler,
+                num_workers=args.dataloader_num_workers,
             )
         else:
             loader = DataLoader(
@@ -515,7 +532,6 @@ class Trainer:
             )
         self.batches = iter(loader)
         self.test_images = setup.test_set.to_tensor() if accelerator.is_main_process else None
-        self.test_labels = setup.test_set.labels_tensor() if objective.is_class_conditional else None
         if accelerator.is_main_process:
             config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
             config.pop("hub_token")
@@ -609,7 +625,7 @@ class Trainer:
         args = self.args
         objective = self.objective
         images = self.test_images if num_images is None else self.test_images[:num_images]
-        labels = None if self.test_labels is None else self.test_labels[: len(images)]
+        labels = None if self.setup.test_labels is None else self.setup.test_labels[: len(images)]
         grid_labels = None
         if objective.num_classes is not None:
             grid_labels = torch.arange(args.num_validation_images) % objective.num_classes
