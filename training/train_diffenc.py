@@ -79,6 +79,7 @@ logger = logging.getLogger("train_diffenc")
 TEST_BPD_NAME = "test_bpd.json"
 MODEL_CARD_NAME = "README.md"
 LR_SCHEDULER_CHOICES = ("constant_with_warmup", "linear", "cosine", "constant")
+PARAMETER_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Override the dropout of the denoiser and the encoder (None: the preset's).",
     )
     model.add_argument("--gradient_checkpointing", action="store_true", help="Checkpoint the denoiser's blocks.")
+    model.add_argument(
+        "--dtype",
+        choices=tuple(PARAMETER_DTYPES),
+        default="float32",
+        help="The dtype of the parameters and of the computation. float64 is a reference run (several times "
+        "slower; needs --mixed_precision no): its rounding is far below AdamW's epsilon, so runs that differ only "
+        "in the order of floating-point sums (1 vs N processes) give the same parameters on any CPU.",
+    )
 
     config = parser.add_argument_group("training settings (default: the preset's training_config.json)")
     for name, (kind, default, help_text) in TRAINING_CONFIG_FLAGS.items():
@@ -323,6 +332,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     """Build the model and load and check the data; ``ValueError`` on anything wrong, before any training."""
     unet, scheduler, encoder = build_components(args)
     objective = DiffEncObjective(unet, scheduler, encoder, num_timesteps=args.num_timesteps)
+    objective.to(PARAMETER_DTYPES[args.dtype])
     shape = (int(unet.config.in_channels), args.resolution, args.resolution)
     train_set, test_set, test_description = load_data(args, shape)
     train_labels, test_labels = check_class_conditioning(args, objective, train_set, test_set)
@@ -383,7 +393,8 @@ def check_class_conditioning(
 
 
 def check_resumed_run(folder: Path, state: dict[str, Any], args: argparse.Namespace, scheduler: VDMScheduler) -> None:
-    """``ValueError`` unless the checkpoint's run had this run's ``--seed`` and noise process (scheduler config).
+    """``ValueError`` unless the checkpoint's run had this run's ``--seed``, ``--dtype`` and noise process (scheduler
+    config).
 
     Either would change silently from the resumed step on: the seed keys every later draw and the data order,
     and a preset with the same networks but another ``encoder_type`` or schedule loads the same weights into
@@ -392,6 +403,8 @@ def check_resumed_run(folder: Path, state: dict[str, Any], args: argparse.Namesp
     problems = []
     if state["seed"] != args.seed:
         problems.append(f"--seed is {args.seed}, the checkpoint's run used {state['seed']}")
+    if state.get("dtype", "float32") != args.dtype:
+        problems.append(f"--dtype is {args.dtype}, the checkpoint's run used {state.get('dtype', 'float32')}")
     saved, current = state.get("scheduler_config"), noise_process_config(scheduler)
     if saved is None:
         logger.warning("%s predates the record of its scheduler config: the noise process is not checked.", folder)
@@ -421,6 +434,7 @@ def training_info(args: argparse.Namespace, steps: int, world: int, test_set: st
             "steps": steps,
             "processes": world,
             "seed": args.seed,
+            "dtype": args.dtype,
             "test set": test_set,
             "weights": "EMA",
         }
@@ -451,6 +465,11 @@ class Trainer:
             cpu=args.cpu,
         )
         args.mixed_precision = accelerator.mixed_precision
+        if args.dtype == "float64" and args.mixed_precision != "no":
+            raise ValueError(
+                f"--dtype float64 trains in float64 and needs --mixed_precision no, got {args.mixed_precision!r} "
+                "(from the flag, the training config or accelerate's setting)."
+            )
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         if args.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16():
             logger.warning(
@@ -588,6 +607,7 @@ class Trainer:
                 "global_step": self.global_step,
                 "images_seen": self.images_seen,
                 "seed": args.seed,
+                "dtype": args.dtype,
                 "global_batch": self.global_batch,
                 "num_processes": self.world,
                 "preset": str(args.preset),
