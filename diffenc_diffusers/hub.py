@@ -2,32 +2,40 @@
 
 A saved pipeline is `model_index.json` plus one folder per component, holding that component's config
 (`config.json` or `scheduler_config.json`) and, for networks, its safetensors weights. These are the only
-files that are downloaded and uploaded: training checkpoints, optimizer states or logs that share a folder
-with a pipeline never leave the machine.
+files that are downloaded and uploaded: training checkpoints, optimizer states, logs, other weight variants
+or anything else that shares a folder with a pipeline never leave the machine. An upload is one commit of an
+explicit list of files (:func:`pipeline_files`), each a regular file inside the folder (never a symbolic
+link), its JSON files without diffusers' local `_name_or_path`, and nothing in it names a local path of this
+machine (:func:`check_no_local_paths`).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
+import re
+import stat
+import tempfile
 from collections.abc import Iterable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
-from diffusers import DiffusionPipeline
+import huggingface_hub
+from diffusers import DiffusionPipeline, ModelMixin
 from huggingface_hub import (
     CommitInfo,
+    CommitOperationAdd,
     ModelCard,
     ModelCardData,
-    create_repo,
     hf_hub_download,
     snapshot_download,
-    upload_folder,
 )
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 
+from .models import DiffEncEncoderModel, VDMUNetModel
 from .objective import network_classes
+from .scheduling_vdm import VDMScheduler
 
 MODEL_INDEX_NAME = "model_index.json"
 MODEL_CARD_NAME = "README.md"
@@ -36,6 +44,17 @@ CONFIG_NAMES = ("config.json", "scheduler_config.json")
 MODEL_CARD_TAGS = ["diffenc", "vdm", "diffusion", "likelihood", "unconditional-image-generation"]
 CLASS_CONDITIONAL_TAG = "class-conditional"
 """The tag of a class-conditional model's card, which replaces "unconditional-image-generation"."""
+
+COMPONENT_CLASSES_BY_NAME: dict[str, type] = {
+    component_class.__name__: component_class for component_class in (VDMUNetModel, VDMScheduler, DiffEncEncoderModel)
+}
+"""The classes a component of a DiffEnc pipeline may have, by the class name model_index.json records."""
+
+LOCAL_PATH_KEYS = ("_name_or_path",)
+"""Config entries diffusers fills with the local folder a component was loaded from; never saved or uploaded."""
+
+_VARIANT = re.compile(r"[A-Za-z0-9_-]+")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])(?:[A-Za-z]:[\\/]|~/|/)[^\s'\"|,;()\[\]{}<>]+")
 
 _ENCODER_DESCRIPTIONS = {
     "none": "a Variational Diffusion Model (VDM, Kingma et al. 2021; no encoder)",
@@ -82,12 +101,166 @@ def pipeline_file_patterns(components: Iterable[str]) -> list[str]:
     return patterns
 
 
-def pipeline_files(folder: str | os.PathLike) -> list[str]:
-    """Relative paths (POSIX, sorted) of the pipeline files in a saved pipeline folder; nothing else in it."""
+def component_class(model_index: Mapping[str, Any], name: str) -> type:
+    """The DiffEnc class model_index.json records for the component `name` (ValueError for any other class)."""
+    class_name = model_index[name][1]
+    if class_name not in COMPONENT_CLASSES_BY_NAME:
+        raise ValueError(
+            f"model_index.json records the component {name!r} as {class_name!r}; a DiffEnc pipeline's components "
+            f"are {sorted(COMPONENT_CLASSES_BY_NAME)}."
+        )
+    return COMPONENT_CLASSES_BY_NAME[class_name]
+
+
+def pipeline_files(folder: str | os.PathLike, variant: str | None = None) -> list[str]:
+    """Relative paths (POSIX) of exactly the files `from_pretrained(folder, variant=variant)` loads.
+
+    These are model_index.json and, per component it lists, its config (`config.json` or
+    `scheduler_config.json`) and, for networks, its safetensors weights of that variant:
+    `diffusion_pytorch_model[.<variant>].safetensors`, or the shard index
+    `diffusion_pytorch_model.safetensors.index[.<variant>].json` and the shards it names. Nothing else in the
+    folder is listed (other variants, checkpoints, logs, stray files). The model card is not included.
+
+    Raises:
+        FileNotFoundError: model_index.json, a listed component's config or its weights of `variant` are missing.
+        ValueError: A listed file is a symbolic link (or lies under one) or is not a regular file; a
+            component's class is not a DiffEnc class; a shard index names a file outside its folder;
+            `variant` is not a plain name.
+    """
+    if variant is not None and not _VARIANT.fullmatch(variant):
+        raise ValueError(f"`variant` must be letters, digits, '-' and '_' such as 'fp16'; got {variant!r}.")
     root = Path(folder)
-    patterns = pipeline_file_patterns(saved_components(read_model_index(root)))
-    files = (path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file())
-    return sorted(f for f in files if any(fnmatch.fnmatch(f, pattern) for pattern in patterns))
+    check_regular_file(root, MODEL_INDEX_NAME)
+    model_index = read_model_index(root)
+    files = [MODEL_INDEX_NAME]
+    for name in saved_components(model_index):
+        cls = component_class(model_index, name)
+        files.append(check_regular_file(root, f"{name}/{cls.config_name}"))
+        if issubclass(cls, ModelMixin):
+            files += _weights_files(root, name, variant)
+    return files
+
+
+def check_regular_file(root: Path, relative: str) -> str:
+    """`relative` if `root / relative` is a regular file and neither it nor a folder between it and `root` is a
+    symbolic link (so it lies inside `root`); FileNotFoundError if it is missing, ValueError otherwise."""
+    path = root
+    for part in PurePath(relative).parts:
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise FileNotFoundError(f"The pipeline folder {str(root)!r} has no {relative}.") from None
+        if stat.S_ISLNK(mode):
+            raise ValueError(
+                f"{str(path)!r} is a symbolic link; only regular files inside the pipeline folder are uploaded. "
+                f"Replace it with a copy of the file it points to ({os.path.realpath(path)!r}) if that is intended."
+            )
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{str(path)!r} is not a regular file.")
+    return relative
+
+
+def _with_variant(filename: str, variant: str | None) -> str:
+    """diffusers' variant file name: the variant before the last extension (`a.safetensors` -> `a.fp16.safetensors`)."""
+    if variant is None:
+        return filename
+    stem, extension = filename.rsplit(".", 1)
+    return f"{stem}.{variant}.{extension}"
+
+
+def _weights_files(root: Path, name: str, variant: str | None) -> list[str]:
+    single = f"{name}/{_with_variant(f'{WEIGHTS_PREFIX}.safetensors', variant)}"
+    index = f"{name}/{_with_variant(f'{WEIGHTS_PREFIX}.safetensors.index.json', variant)}"
+    if os.path.lexists(root / index):
+        check_regular_file(root, index)
+        try:
+            shards = sorted(set(json.loads((root / index).read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as error:
+            raise ValueError(f"{root / index} is not a safetensors shard index ({error}).") from error
+        for shard in shards:
+            if not isinstance(shard, str) or PurePath(shard).name != shard or shard in (".", ".."):
+                raise ValueError(f"{root / index} names the shard {shard!r}, which is not a file of {name}/.")
+        return [index, *(check_regular_file(root, f"{name}/{shard}") for shard in shards)]
+    if os.path.lexists(root / single):
+        return [check_regular_file(root, single)]
+    which = "" if variant is None else f" of the variant {variant!r}"
+    raise FileNotFoundError(
+        f"The component {name!r} of {str(root)!r} has no safetensors weights{which} ({single} or {index})."
+    )
+
+
+def public_json(data: bytes, name: str) -> bytes:
+    """A config or model_index.json as uploaded: without the local entries of :data:`LOCAL_PATH_KEYS`, in
+    diffusers' layout (sorted keys, two-space indent)."""
+    try:
+        config = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{name} is not valid JSON ({error}).") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{name} must hold a JSON object, got {type(config).__name__}.")
+    for key in LOCAL_PATH_KEYS:
+        config.pop(key, None)
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def write_public_configs(folder: str | os.PathLike) -> None:
+    """Rewrite model_index.json and each listed component's config in `folder` with :func:`public_json`."""
+    root = Path(folder)
+    model_index = read_model_index(root)
+    configs = [f"{name}/{component_class(model_index, name).config_name}" for name in saved_components(model_index)]
+    for relative in [MODEL_INDEX_NAME, *configs]:
+        path = root / check_regular_file(root, relative)
+        path.write_bytes(public_json(path.read_bytes(), str(path)))
+
+
+def local_paths(*extra: str | os.PathLike) -> list[str]:
+    """Absolute paths of this machine that no uploaded file may contain: the home, working and temporary
+    folders, the folder this package is installed in, and `extra` (each as given and resolved; the file
+    system root is left out). Longest first."""
+    package_parent = Path(__file__).resolve().parents[1]
+    candidates = [Path.home(), Path.cwd(), Path(tempfile.gettempdir()), package_parent, *map(Path, extra)]
+    paths = set()
+    for candidate in candidates:
+        for form in (os.path.abspath(candidate), os.path.realpath(candidate)):
+            if Path(form).parent != Path(form):
+                paths.add(form)
+    return sorted(paths, key=len, reverse=True)
+
+
+def check_no_local_paths(name: str, data: bytes, paths: Iterable[str]) -> None:
+    """ValueError if the bytes of the file `name` contain one of the local `paths` (as a whole path name)."""
+    for path in paths:
+        if re.search(rb"(?<![\w.-])" + re.escape(os.fsencode(path)) + rb"(?![\w.-])", data):
+            raise ValueError(
+                f"Refusing to upload: {name} contains the local path {path!r} of this machine. Nothing was uploaded."
+            )
+
+
+def safetensors_header(path: str | os.PathLike) -> bytes:
+    """The JSON header of a safetensors file (the only part of it that can hold text)."""
+    with open(path, "rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        if size > os.fstat(file.fileno()).st_size - 8:
+            raise ValueError(f"{path} is not a safetensors file (header size {size} exceeds the file).")
+        return file.read(size)
+
+
+def public_text(text: str) -> str:
+    """`text` with every absolute file path replaced by its last component (a local image folder
+    `/home/me/data/digits` becomes `digits`), for the model card."""
+    return _ABSOLUTE_PATH.sub(lambda match: PurePath(match.group(0).replace("\\", "/")).name, text)
+
+
+def hub_dataset_id(dataset: Any) -> str | None:
+    """`dataset` if it is a Hub dataset id ("org/name") and not a local path; otherwise None."""
+    if not isinstance(dataset, str) or dataset.count("/") != 1 or os.path.exists(dataset):
+        return None
+    try:
+        validate_repo_id(dataset)
+    except HFValidationError:
+        return None
+    return dataset
 
 
 def download_pipeline(
@@ -163,7 +336,7 @@ def make_model_card(
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation" if num_classes is None else None,
         tags=tags,
-        datasets=[dataset] if isinstance(dataset, str) and "/" in dataset else None,
+        datasets=[hub_dataset_id(dataset)] if hub_dataset_id(dataset) else None,
     )
     source_section = []
     if provenance:
@@ -290,11 +463,22 @@ def make_model_card(
     return ModelCard(content)
 
 
+def save_model_card(card: ModelCard, folder: str | os.PathLike) -> Path:
+    """Write `card` to `folder/README.md` (UTF-8, exactly the bytes uploaded) and return the path; a
+    README.md that is a symbolic link is refused rather than written through."""
+    path = Path(folder) / MODEL_CARD_NAME
+    if path.is_symlink():
+        raise ValueError(f"{str(path)!r} is a symbolic link; refusing to write the model card through it.")
+    path.write_bytes(card.content.encode("utf-8"))
+    return path
+
+
 def upload_pipeline_folder(
     pipeline: DiffusionPipeline,
     folder: str | os.PathLike,
     repo_id: str,
     *,
+    variant: str | None = None,
     commit_message: str | None = None,
     private: bool | None = None,
     token: str | bool | None = None,
@@ -303,15 +487,38 @@ def upload_pipeline_folder(
     bpd: float | None = None,
     provenance: Mapping[str, str] | None = None,
 ) -> CommitInfo:
-    """Create `repo_id` if needed, write the model card into `folder` and upload the pipeline files of
-    `folder` (and nothing else in it). Returns huggingface_hub's `CommitInfo`."""
-    repo_id = create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
+    """Upload exactly the files `from_pretrained` loads from `folder` (:func:`pipeline_files` of `variant`)
+    and a model card, in one commit to `repo_id` (created if needed). Returns huggingface_hub's `CommitInfo`.
+
+    The files are checked before anything is created or sent: each is a regular file inside `folder` (a
+    symbolic link is refused), JSON files are sent without `_name_or_path` (:func:`public_json`), and no file
+    (nor a weights file's header, nor the card) may contain a local path of this machine (:func:`local_paths`).
+    The card is also written to `folder/README.md`.
+
+    Raises:
+        FileNotFoundError / ValueError: As :func:`pipeline_files`; a file holds a local path.
+    """
+    root = Path(folder)
+    guard = local_paths(root)
+    contents: dict[str, bytes | str] = {}
+    for relative in pipeline_files(root, variant):
+        path = root / relative
+        if relative.endswith(".json"):
+            contents[relative] = public_json(path.read_bytes(), str(path))
+            check_no_local_paths(relative, contents[relative], guard)
+        else:
+            check_no_local_paths(relative, safetensors_header(path), guard)
+            contents[relative] = str(path)
+    if (root / MODEL_CARD_NAME).is_symlink():
+        raise ValueError(f"{str(root / MODEL_CARD_NAME)!r} is a symbolic link; the model card is written there.")
+    repo_id = huggingface_hub.create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
     card = make_model_card(pipeline, repo_id, training_info=training_info, bpd=bpd, provenance=provenance)
-    card.save(Path(folder) / MODEL_CARD_NAME)
-    return upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        allow_patterns=pipeline_files(folder),
+    contents[MODEL_CARD_NAME] = card.content.encode("utf-8")
+    check_no_local_paths(MODEL_CARD_NAME, contents[MODEL_CARD_NAME], guard)
+    save_model_card(card, root)
+    return huggingface_hub.create_commit(
+        repo_id,
+        [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in contents.items()],
         commit_message=commit_message or "Upload DiffEnc pipeline",
         token=token,
         create_pr=create_pr,
@@ -321,7 +528,7 @@ def upload_pipeline_folder(
 def _format_value(key: str, value: Any) -> str:
     if value is None:
         return "none (continuous time)" if key == "num_timesteps" else "none"
-    return str(value).replace("|", "\\|")
+    return public_text(str(value)).replace("|", "\\|")
 
 
 def _table(header: tuple[str, str], rows: list[tuple[str, str]]) -> str:

@@ -6,17 +6,23 @@ Nothing here touches the network: Hub ids are resolved from a cache laid out lik
 intercepted where diffenc_diffusers.hub looks up `create_repo` and `upload_folder`.
 """
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
+import huggingface_hub
+import numpy as np
 import pytest
 import torch
-from huggingface_hub import ModelCard
+from huggingface_hub import CommitOperationAdd, ModelCard
 from huggingface_hub.utils import filter_repo_objects
+from PIL import Image
 from test_pipeline import make_pipeline, sample
 
 import diffenc_diffusers.hub as hub
@@ -180,31 +186,46 @@ def test_fresh_process_loads_local_folder_and_hub_id_offline(hub_cache, tmp_path
 # ------------------------------------------------------------------------------------------ uploading
 
 
+def machine_paths(*extra: Path) -> list[str]:
+    """Paths of this machine that no uploaded file may name (found independently of diffenc_diffusers.hub)."""
+    paths = {Path.home(), Path.cwd(), Path(tempfile.gettempdir()), REPO_ROOT, *extra}
+    return sorted({str(p) for path in paths for p in (path, path.resolve())} - {"/"})
+
+
+def assert_no_machine_paths(uploaded: dict[str, bytes], *extra: Path) -> None:
+    for name, data in uploaded.items():
+        for path in machine_paths(*extra):
+            assert os.fsencode(path) not in data, f"{name} holds {path}"
+
+
 @pytest.fixture
 def fake_hub(monkeypatch):
-    """Intercept create_repo / upload_folder; record the repo, the model card and the files that would go up."""
-    record = {}
-
-    class RepoUrl:
-        def __init__(self, repo_id):
-            self.repo_id = repo_id if "/" in repo_id else f"me/{repo_id}"
+    """Intercept huggingface_hub's create_repo / create_commit; record the repository and every uploaded file's
+    bytes (read when the commit is made, as huggingface_hub would). Every other upload function fails."""
+    record = {"create_repo": [], "commits": []}
 
     def create_repo(repo_id, **kwargs):
-        record["create_repo"] = (repo_id, kwargs)
-        return RepoUrl(repo_id)
+        record["create_repo"].append((repo_id, kwargs))
+        return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"me/{repo_id}")
 
-    def upload_folder(*, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
-        folder = Path(folder_path)
-        files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
-        record["uploaded"] = set(
-            filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
-        )
-        record["card"] = ModelCard((folder / "README.md").read_text())
-        record["upload"] = (repo_id, kwargs)
+    def create_commit(repo_id, operations, **kwargs):
+        files = {}
+        for operation in operations:
+            assert isinstance(operation, CommitOperationAdd)
+            content = operation.path_or_fileobj
+            files[operation.path_in_repo] = content if isinstance(content, bytes) else Path(content).read_bytes()
+        record["commits"].append((repo_id, kwargs))
+        record["uploaded"] = files
+        record["card"] = ModelCard(files["README.md"].decode()) if "README.md" in files else None
         return "commit-info"
 
-    monkeypatch.setattr(hub, "create_repo", create_repo)
-    monkeypatch.setattr(hub, "upload_folder", upload_folder)
+    def forbidden(*args, **kwargs):
+        raise AssertionError("only create_commit may upload")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "create_commit", create_commit)
+    for name in ("upload_folder", "upload_file"):
+        monkeypatch.setattr(huggingface_hub, name, forbidden)
     return record
 
 
@@ -213,9 +234,13 @@ def test_push_to_hub_uploads_exactly_the_pipeline_files_with_a_model_card(fake_h
     training_info = {"dataset": "uoft-cs/cifar10", "max_train_steps": 1000, "num_timesteps": None}
     result = pipe.push_to_hub("org/diffenc-tiny", private=True, token="hf_x", training_info=training_info, bpd=2.6189)
     assert result == "commit-info"
-    assert fake_hub["create_repo"] == ("org/diffenc-tiny", {"exist_ok": True, "private": True, "token": "hf_x"})
-    assert fake_hub["upload"][0] == "org/diffenc-tiny" and fake_hub["upload"][1]["token"] == "hf_x"
-    assert fake_hub["uploaded"] == TRAINABLE_FILES
+    assert fake_hub["create_repo"] == [("org/diffenc-tiny", {"exist_ok": True, "private": True, "token": "hf_x"})]
+    (commit,) = fake_hub["commits"]
+    assert commit == (
+        "org/diffenc-tiny",
+        {"commit_message": "Upload DiffEnc pipeline", "token": "hf_x", "create_pr": False},
+    )
+    assert set(fake_hub["uploaded"]) == TRAINABLE_FILES
 
     card = fake_hub["card"]
     assert card.data.library_name == "diffusers"
@@ -230,35 +255,194 @@ def test_push_to_hub_uploads_exactly_the_pipeline_files_with_a_model_card(fake_h
     assert f"| denoiser parameters | {sum(p.numel() for p in pipe.unet.parameters()):,} |" in text
 
 
-def test_save_pretrained_push_leaves_checkpoints_and_other_files_behind(fake_hub, tmp_path):
+def plant_strays(folder: Path, outside: Path) -> None:
+    """What a user's output folder may hold besides the pipeline: checkpoints, logs, an old experiment's weights,
+    weights planted in the scheduler's folder, and symbolic links to a file outside the folder."""
+    (folder / "checkpoint-500" / "unet").mkdir(parents=True)
+    (folder / "checkpoint-500" / "unet" / "config.json").write_text("{}")
+    (folder / "checkpoint-500" / "optimizer.bin").write_bytes(b"\0")
+    (folder / "logs").mkdir()
+    (folder / "logs" / "events.out").write_text("")
+    (folder / "training_args.json").write_text("{}")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    shutil.copy(weights, folder / "unet" / "diffusion_pytorch_model.old_experiment.safetensors")
+    shutil.copy(weights, folder / "scheduler" / "diffusion_pytorch_model.safetensors")
+    (folder / "unet" / "notes.txt").write_text("")
+    (folder / "unet" / "diffusion_pytorch_model.linked.safetensors").symlink_to(outside)
+    (folder / "secret.json").symlink_to(outside)
+
+
+@pytest.fixture
+def outside(tmp_path) -> Path:
+    """A file outside the pipeline folder whose bytes must never be uploaded."""
+    path = tmp_path / "outside" / "system-file"
+    path.parent.mkdir()
+    path.write_bytes(b"SECRET-BYTES-OF-A-SYSTEM-FILE")
+    return path
+
+
+def test_save_pretrained_push_uploads_only_what_from_pretrained_loads(fake_hub, tmp_path, outside):
     pipe = make_pipeline("none")
-    (tmp_path / "checkpoint-500" / "unet").mkdir(parents=True)
-    (tmp_path / "checkpoint-500" / "unet" / "config.json").write_text("{}")
-    (tmp_path / "checkpoint-500" / "optimizer.bin").write_bytes(b"\0")
-    (tmp_path / "logs").mkdir()
-    (tmp_path / "logs" / "events.out").write_text("")
-    (tmp_path / "training_args.json").write_text("{}")
-    pipe.save_pretrained(tmp_path, push_to_hub=True, repo_id="tiny-vdm", commit_message="first")
-    assert fake_hub["create_repo"][0] == "tiny-vdm"
-    assert fake_hub["upload"] == ("me/tiny-vdm", {"commit_message": "first", "token": None, "create_pr": False})
-    assert fake_hub["uploaded"] == {
+    folder = tmp_path / "tiny-vdm"
+    pipe.save_pretrained(folder)
+    plant_strays(folder, outside)
+    pipe.save_pretrained(folder, push_to_hub=True, repo_id="tiny-vdm", commit_message="first")
+    assert fake_hub["create_repo"][0][0] == "tiny-vdm"
+    assert fake_hub["commits"] == [("me/tiny-vdm", {"commit_message": "first", "token": None, "create_pr": False})]
+    uploaded = fake_hub["uploaded"]
+    assert set(uploaded) == {
         "README.md",
         "model_index.json",
         "scheduler/scheduler_config.json",
         "unet/config.json",
         "unet/diffusion_pytorch_model.safetensors",
     }
+    for name, data in uploaded.items():
+        assert data == (folder / name).read_bytes(), name
+        assert b"SECRET-BYTES" not in data
+    assert_no_machine_paths(uploaded, tmp_path)
     card = fake_hub["card"]
     assert "Not evaluated yet." in card.text and "Training settings were not recorded." in card.text
     assert "no encoder" in card.text and 'from_pretrained("me/tiny-vdm")' in card.text
 
 
-def test_pipeline_files_lists_only_the_components_of_model_index(tmp_path):
-    make_pipeline("trainable").save_pretrained(tmp_path)
-    (tmp_path / "encoder" / "notes.txt").write_text("")
-    (tmp_path / "samples").mkdir()
-    (tmp_path / "samples" / "config.json").write_text("{}")
-    assert set(hub.pipeline_files(tmp_path)) == TRAINABLE_FILES - {"README.md"}
+@pytest.mark.parametrize(
+    "link", ["unet/diffusion_pytorch_model.safetensors", "unet/config.json", "model_index.json", "unet", "README.md"]
+)
+def test_a_symbolic_link_among_the_pipeline_files_is_refused_before_anything_is_sent(fake_hub, tmp_path, outside, link):
+    folder = tmp_path / "pipe"
+    make_pipeline("none").save_pretrained(folder)
+    target = tmp_path / "moved"
+    (folder / link).rename(target) if (folder / link).exists() else target.write_text("")
+    (folder / link).symlink_to(target)
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        hub.upload_pipeline_folder(make_pipeline("none"), folder, "org/x")
+    assert fake_hub["create_repo"] == [] and fake_hub["commits"] == []
+
+
+def test_a_pipeline_folder_reached_through_a_symbolic_link_uploads_normally(fake_hub, tmp_path):
+    make_pipeline("none").save_pretrained(tmp_path / "real")
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    hub.upload_pipeline_folder(make_pipeline("none"), tmp_path / "alias", "org/x")
+    assert "unet/diffusion_pytorch_model.safetensors" in fake_hub["uploaded"]
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_only_the_pushed_variant_is_uploaded(fake_hub, tmp_path, variant):
+    folder = tmp_path / "pipe"
+    pipe = make_pipeline("trainable")
+    pipe.save_pretrained(folder)
+    pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
+    hub.upload_pipeline_folder(pipe, folder, "org/x", variant=variant)
+    weights = {name for name in fake_hub["uploaded"] if name.endswith(".safetensors")}
+    suffix = "" if variant is None else ".fp16"
+    assert weights == {f"{c}/diffusion_pytorch_model{suffix}.safetensors" for c in ("unet", "encoder")}
+    for name in weights:
+        assert fake_hub["uploaded"][name] == (folder / name).read_bytes()
+    with pytest.raises(FileNotFoundError, match="no safetensors weights of the variant 'bf16'"):
+        hub.upload_pipeline_folder(pipe, folder, "org/x", variant="bf16")
+    with pytest.raises(ValueError, match="`variant` must be letters"):
+        hub.upload_pipeline_folder(pipe, folder, "org/x", variant="../fp16")
+
+
+def test_sharded_weights_upload_the_index_and_its_shards_only(fake_hub, tmp_path):
+    folder = tmp_path / "pipe"
+    make_pipeline("none").save_pretrained(folder, max_shard_size="10KB")
+    shards = sorted(p.name for p in (folder / "unet").glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 1
+    (folder / "unet" / "diffusion_pytorch_model-00099-of-00099.safetensors").write_bytes(b"stray")
+    hub.upload_pipeline_folder(make_pipeline("none"), folder, "org/x")
+    assert {name for name in fake_hub["uploaded"] if name.startswith("unet/")} == {
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors.index.json",
+        *(f"unet/{shard}" for shard in shards),
+    }
+    index = folder / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    content = json.loads(index.read_text())
+    content["weight_map"][next(iter(content["weight_map"]))] = "../../outside.safetensors"
+    index.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=r"names the shard '\.\./\.\./outside\.safetensors'"):
+        hub.upload_pipeline_folder(make_pipeline("none"), folder, "org/x")
+
+
+def test_push_of_a_pipeline_loaded_from_a_folder_names_no_local_path(fake_hub, tmp_path):
+    make_pipeline("trainable").save_pretrained(tmp_path / "saved")
+    loaded = DiffEncPipeline.from_pretrained(tmp_path / "saved")
+    assert loaded.unet.config._name_or_path == str(tmp_path / "saved" / "unet")  # diffusers records the folder
+    images = tmp_path / "data" / "my-images"
+    info = {
+        "dataset": str(images),
+        "preset": str(tmp_path / "presets" / "tiny"),
+        "test set": f"split 'test' of the image folder {str(images)!r} (12 images)",
+    }
+    loaded.push_to_hub("org/x", training_info=info, bpd=3.5)
+    uploaded = fake_hub["uploaded"]
+    assert_no_machine_paths(uploaded, tmp_path)
+    for name in uploaded:
+        if name.endswith(".json"):
+            assert "_name_or_path" not in json.loads(uploaded[name]), name
+    card = fake_hub["card"]
+    assert card.data.datasets is None
+    assert "| dataset | my-images |" in card.text and "| preset | tiny |" in card.text
+    assert "| test set | split 'test' of the image folder 'my-images' (12 images) |" in card.text
+
+
+def test_save_pretrained_writes_no_local_path(tmp_path):
+    make_pipeline("trainable").save_pretrained(tmp_path / "a")
+    DiffEncPipeline.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b")
+    for path in (tmp_path / "b").rglob("*.json"):
+        assert "_name_or_path" not in json.loads(path.read_text()), path
+        assert str(tmp_path) not in path.read_text()
+
+
+def test_a_local_path_anywhere_in_an_uploaded_file_refuses_the_upload(fake_hub, tmp_path):
+    folder = tmp_path / "pipe"
+    make_pipeline("none").save_pretrained(folder)
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    config["notes"] = f"trained from {Path.home() / 'data'}"
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"scheduler/scheduler_config.json contains the local path"):
+        hub.upload_pipeline_folder(make_pipeline("none"), folder, "org/x")
+    assert fake_hub["commits"] == []
+
+
+def test_trainer_push_uploads_only_the_pipeline_files_and_names_no_local_path(
+    fake_hub, tmp_path, outside, fresh_accelerator_state
+):
+    """--push_to_hub of a run on a local image folder, into an output folder holding planted files."""
+    from conftest import write_tiny_preset
+    from test_training import FAST, train_diffenc
+
+    preset = write_tiny_preset(tmp_path / "presets" / "tiny")
+    images = tmp_path / "data" / "my-images" / "train"
+    images.mkdir(parents=True)
+    generator = np.random.default_rng(0)
+    for index in range(40):
+        Image.fromarray(generator.integers(0, 256, (8, 8), dtype=np.uint8)).save(images / f"{index}.png")
+    output = tmp_path / "run"
+    output.mkdir()
+    make_pipeline("trainable").save_pretrained(output)  # an earlier experiment's pipeline, then strays
+    plant_strays(output, outside)
+    train_diffenc.main(
+        [
+            *("--preset", str(preset), "--output_dir", str(output), *FAST, "--max_train_steps", "1"),
+            *("--train_data_dir", str(images.parent)),
+            *("--validation_steps", "0", "--report_to", "none", "--push_to_hub", "--hub_model_id", "org/tiny"),
+            *("--hub_token", "secret", "--hub_private_repo"),
+        ]
+    )
+    assert fake_hub["create_repo"][0] == ("org/tiny", {"exist_ok": True, "private": True, "token": "secret"})
+    ((repo_id, options),) = fake_hub["commits"]
+    assert repo_id == "org/tiny" and options["token"] == "secret" and "1 steps" in options["commit_message"]
+    uploaded = fake_hub["uploaded"]
+    assert set(uploaded) == TRAINABLE_FILES
+    for name, data in uploaded.items():
+        assert data == (output / name).read_bytes(), name
+    assert_no_machine_paths(uploaded, tmp_path, output, preset, images)
+    bpd = json.loads((output / "test_bpd.json").read_text())["continuous"]["bpd"]
+    card = fake_hub["card"]
+    assert f"{bpd:.4f} bits/dim" in card.text and card.data.datasets is None
+    assert "image folder 'my-images'" in card.text and "| preset | tiny |" in card.text
 
 
 @pytest.mark.parametrize("null_class", [True, False])
