@@ -8,6 +8,7 @@ intercepted where diffenc_diffusers.hub looks up `create_repo` and `upload_folde
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 COMMIT_MAIN = "a" * 40
 COMMIT_V1 = "b" * 40
 TRAINABLE_FILES = {
-    "README.md",
     "model_index.json",
     "scheduler/scheduler_config.json",
     "unet/config.json",
@@ -40,6 +40,14 @@ TRAINABLE_FILES = {
     "encoder/config.json",
     "encoder/diffusion_pytorch_model.safetensors",
 }
+"""What from_pretrained loads from a trainable DiffEnc pipeline."""
+
+
+def upload_of(loaded: set[str]) -> set[str]:
+    """The files of an upload: those `from_pretrained` loads, the model card and the code file for diffusers'
+    generic loader at the root and in each component's folder."""
+    components = {name.split("/")[0] for name in loaded if "/" in name}
+    return loaded | {"README.md", "diffenc_pipeline.py"} | {f"{name}/diffenc_pipeline.py" for name in components}
 
 
 def add_to_cache(cache: Path, repo_id: str, commit: str, pipeline_folder: Path, refs: tuple[str, ...]) -> Path:
@@ -133,7 +141,7 @@ def test_download_fetches_only_pipeline_files(monkeypatch, hub_cache):
     patterns = calls[1][3].pop("allow_patterns")
     assert calls[1] == ("snapshot", "org/diffenc-tiny", None, expected)
     files = [p.relative_to(real_index.parent).as_posix() for p in real_index.parent.rglob("*") if p.is_file()]
-    assert set(filter_repo_objects(files, allow_patterns=patterns)) == TRAINABLE_FILES - {"README.md"}
+    assert set(filter_repo_objects(files, allow_patterns=patterns)) == TRAINABLE_FILES
 
 
 def test_fresh_process_loads_local_folder_and_hub_id_offline(hub_cache, tmp_path):
@@ -240,7 +248,7 @@ def test_push_to_hub_uploads_exactly_the_pipeline_files_with_a_model_card(fake_h
         "org/diffenc-tiny",
         {"commit_message": "Upload DiffEnc pipeline", "token": "hf_x", "create_pr": False},
     )
-    assert set(fake_hub["uploaded"]) == TRAINABLE_FILES
+    assert set(fake_hub["uploaded"]) == upload_of(TRAINABLE_FILES)
 
     card = fake_hub["card"]
     assert card.data.library_name == "diffusers"
@@ -290,13 +298,14 @@ def test_save_pretrained_push_uploads_only_what_from_pretrained_loads(fake_hub, 
     assert fake_hub["create_repo"][0][0] == "tiny-vdm"
     assert fake_hub["commits"] == [("me/tiny-vdm", {"commit_message": "first", "token": None, "create_pr": False})]
     uploaded = fake_hub["uploaded"]
-    assert set(uploaded) == {
-        "README.md",
-        "model_index.json",
-        "scheduler/scheduler_config.json",
-        "unet/config.json",
-        "unet/diffusion_pytorch_model.safetensors",
-    }
+    assert set(uploaded) == upload_of(
+        {
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+        }
+    )
     for name, data in uploaded.items():
         assert data == (folder / name).read_bytes(), name
         assert b"SECRET-BYTES" not in data
@@ -354,6 +363,7 @@ def test_sharded_weights_upload_the_index_and_its_shards_only(fake_hub, tmp_path
     hub.upload_pipeline_folder(make_pipeline("none"), folder, "org/x")
     assert {name for name in fake_hub["uploaded"] if name.startswith("unet/")} == {
         "unet/config.json",
+        "unet/diffenc_pipeline.py",
         "unet/diffusion_pytorch_model.safetensors.index.json",
         *(f"unet/{shard}" for shard in shards),
     }
@@ -435,7 +445,7 @@ def test_trainer_push_uploads_only_the_pipeline_files_and_names_no_local_path(
     ((repo_id, options),) = fake_hub["commits"]
     assert repo_id == "org/tiny" and options["token"] == "secret" and "1 steps" in options["commit_message"]
     uploaded = fake_hub["uploaded"]
-    assert set(uploaded) == TRAINABLE_FILES
+    assert set(uploaded) == upload_of(TRAINABLE_FILES)
     for name, data in uploaded.items():
         assert data == (output / name).read_bytes(), name
     assert_no_machine_paths(uploaded, tmp_path, output, preset, images)
@@ -462,12 +472,244 @@ def test_model_card_of_a_class_conditional_pipeline(null_class):
     assert "A class-conditional (10 classes) image model" in text
     assert "Conditional negative ELBO -log p(x | c), on the images' labels (an upper bound" in text
     assert "| classes | 10 (class_labels 0 .. 9) |" in text
-    assert "class_labels=class_labels" in text and "bits_per_dim(uint8_images, class_labels=labels" in text
+    assert "class_labels=class_labels" in text and "bits_per_dim(uint8_images, class_labels=class_labels" in text
     if null_class:
         assert "| null class | yes: label 10, the unconditional model" in text
-        assert "guidance_scale=3.0" in text and "torch.full_like(labels, 10)" in text
+        assert "guidance_scale=3.0" in text and "torch.full_like(class_labels, 10)" in text
     else:
         assert "| null class | no (guidance_scale must be 1) |" in text
         assert "guidance_scale=1.0" in text and "full_like" not in text
     unconditional = hub.make_model_card(make_pipeline("trainable"), "org/plain").text
     assert "An unconditional image model" in unconditional and "class_labels" not in unconditional
+
+
+# ------------------------------------------------------------------------------------------ diffusers' generic loader
+
+
+def cache_upload(cache: Path, repo_id: str, files: dict[str, bytes]) -> Path:
+    """Lay out the files of an upload as the cached snapshot COMMIT_MAIN of `repo_id`, branch main."""
+    storage = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = storage / "snapshots" / COMMIT_MAIN
+    for name, data in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_bytes(data)
+    (storage / "refs").mkdir()
+    (storage / "refs" / "main").write_text(COMMIT_MAIN)
+    return snapshot
+
+
+def run_fresh(script: str, hf_home: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run `script` in a new interpreter, offline, with `hf_home` as the Hugging Face home (cache and modules)."""
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_CACHE", "HF_MODULES_CACHE")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(hf_home), PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300, cwd=hf_home
+    )
+
+
+GENERIC_LOAD = """
+import json
+import re
+import sys
+import types
+
+import torch
+from diffusers import DiffusionPipeline
+
+source, output = sys.argv[1], sys.argv[2]
+if len(sys.argv) > 3:
+    # The online route of diffusers' download: the Hub's file listing (what model_info returns) decides what is
+    # fetched and whether each component's code file exists; the files themselves come from the cache.
+    import diffusers.pipelines.pipeline_utils
+    import diffusers.utils.dynamic_modules_utils
+
+    files = [types.SimpleNamespace(rfilename=name) for name in json.loads(sys.argv[3])]
+    listing = types.SimpleNamespace(sha=sys.argv[4], siblings=files)
+    diffusers.pipelines.pipeline_utils.model_info = lambda *args, **kwargs: listing
+    diffusers.utils.dynamic_modules_utils.model_info = lambda *args, **kwargs: listing
+try:
+    DiffusionPipeline.from_pretrained(source)
+    raise AssertionError("loaded without trust_remote_code")
+except ValueError as error:
+    assert "trust_remote_code=True" in str(error), error
+assert "diffenc_diffusers" not in sys.modules
+pipe = DiffusionPipeline.from_pretrained(source, trust_remote_code=True)
+import diffenc_diffusers
+
+assert type(pipe) is diffenc_diffusers.DiffEncPipeline, type(pipe)
+pipe.set_progress_bar_config(disable=True)
+weights = {name: getattr(pipe, name).state_dict() for name in ("unet", "encoder")}
+pipe.to(torch.float64)
+images = pipe(batch_size=2, num_inference_steps=4, output_type="pt", generator=torch.Generator().manual_seed(3)).images
+torch.save({"weights": weights, "images": images}, output)
+"""
+
+
+@pytest.fixture(scope="module")
+def pushed(tmp_path_factory):
+    """org/diffenc-generic (a trainable pipeline, seed 0) as pushed by push_to_hub, in an offline Hub cache."""
+    root = tmp_path_factory.mktemp("pushed")
+    captured = {}
+
+    def create_commit(repo_id, operations, **kwargs):
+        for operation in operations:
+            content = operation.path_or_fileobj
+            captured[operation.path_in_repo] = content if isinstance(content, bytes) else Path(content).read_bytes()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
+        patch.setattr(huggingface_hub, "create_commit", create_commit)
+        make_pipeline("trainable", seed=0).push_to_hub("org/diffenc-generic")
+    cache_upload(root / "home" / "hub", "org/diffenc-generic", captured)
+    return {"home": root / "home", "files": captured}
+
+
+def check_generic_load(output: Path) -> None:
+    result = torch.load(output, weights_only=True)
+    reference = make_pipeline("trainable", seed=0)
+    for name in ("unet", "encoder"):
+        expected = getattr(reference, name).state_dict()
+        assert expected.keys() == result["weights"][name].keys()
+        assert all(torch.equal(expected[key], result["weights"][name][key]) for key in expected)
+    assert torch.equal(result["images"], sample(reference.to(torch.float64), seed=3))
+
+
+def test_generic_diffusers_loader_loads_a_saved_folder_in_a_fresh_interpreter(tmp_path):
+    make_pipeline("trainable", seed=0).save_pretrained(tmp_path / "saved")
+    completed = run_fresh(GENERIC_LOAD, tmp_path, str(tmp_path / "saved"), str(tmp_path / "out.pt"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    check_generic_load(tmp_path / "out.pt")
+
+
+@pytest.mark.parametrize("route", ["cache", "hub listing"])
+def test_generic_diffusers_loader_loads_a_pushed_repository_in_a_fresh_interpreter(pushed, tmp_path, route):
+    """From the offline cache alone, and through diffusers' online route with the Hub's file listing of exactly
+    the uploaded files (which requires a code file in every component's folder)."""
+    listing = [json.dumps(sorted(pushed["files"])), COMMIT_MAIN] if route == "hub listing" else []
+    completed = run_fresh(GENERIC_LOAD, pushed["home"], "org/diffenc-generic", str(tmp_path / "out.pt"), *listing)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    check_generic_load(tmp_path / "out.pt")
+
+
+def test_saved_and_uploaded_layout_names_the_shipped_code_file(pushed, tmp_path):
+    make_pipeline("trainable").save_pretrained(tmp_path)
+    for model_index in (
+        json.loads((tmp_path / "model_index.json").read_text()),
+        json.loads(pushed["files"]["model_index.json"]),
+    ):
+        assert model_index["_class_name"] == ["diffenc_pipeline", "DiffEncPipeline"]
+        assert model_index["unet"] == ["diffenc_pipeline", "VDMUNetModel"]
+        assert model_index["scheduler"] == ["diffenc_pipeline", "VDMScheduler"]
+        assert model_index["encoder"] == ["diffenc_pipeline", "DiffEncEncoderModel"]
+    source = (REPO_ROOT / "diffenc_diffusers" / "hub_code.py").read_bytes()
+    for name in ("diffenc_pipeline.py", "unet/diffenc_pipeline.py", "scheduler/diffenc_pipeline.py"):
+        assert (tmp_path / name).read_bytes() == source and pushed["files"][name] == source
+
+
+def test_diffenc_from_pretrained_runs_no_code_from_the_folder_and_uploads_the_packages(fake_hub, tmp_path):
+    pipe = make_pipeline("trainable")
+    pipe.save_pretrained(tmp_path)
+    for path in tmp_path.rglob("diffenc_pipeline.py"):
+        path.write_text("raise RuntimeError('the folder's code ran')\n")
+    assert_same_weights(DiffEncPipeline.from_pretrained(tmp_path), pipe)
+    hub.upload_pipeline_folder(pipe, tmp_path, "org/x")
+    source = (REPO_ROOT / "diffenc_diffusers" / "hub_code.py").read_bytes()
+    assert fake_hub["uploaded"]["encoder/diffenc_pipeline.py"] == source
+
+
+def test_folders_saved_before_the_code_file_still_load(fake_hub, tmp_path):
+    """The earlier layout: components by full module path, "_class_name": "DiffEncPipeline", no code file."""
+    pipe = make_pipeline("trainable")
+    pipe.save_pretrained(tmp_path / "old")
+    index = json.loads((tmp_path / "old" / "model_index.json").read_text())
+    index["_class_name"] = "DiffEncPipeline"
+    for name, component in pipe.components.items():
+        index[name] = [type(component).__module__, type(component).__name__]
+    (tmp_path / "old" / "model_index.json").write_text(json.dumps(index))
+    for path in (tmp_path / "old").rglob("diffenc_pipeline.py"):
+        path.unlink()
+    loaded = DiffEncPipeline.from_pretrained(tmp_path / "old")
+    assert_same_weights(loaded, pipe)
+    hub.upload_pipeline_folder(pipe, tmp_path / "old", "org/x")
+    assert set(fake_hub["uploaded"]) == upload_of(TRAINABLE_FILES)
+    assert json.loads(fake_hub["uploaded"]["model_index.json"])["unet"] == ["diffenc_pipeline", "VDMUNetModel"]
+
+
+def test_the_code_file_names_the_package_to_install_when_it_is_missing(monkeypatch):
+    import runpy
+
+    from diffenc_diffusers import hub_code
+
+    assert hub_code.DiffEncPipeline is DiffEncPipeline
+    monkeypatch.setitem(sys.modules, "diffenc_diffusers", None)
+    with pytest.raises(ImportError, match=r"needs the diffenc-diffusers package.*not on PyPI.*pip install -e \."):
+        runpy.run_path(hub_code.__file__)
+
+
+# ------------------------------------------------------------------------------------------ model card
+
+
+def code_blocks(card_text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", card_text, flags=re.DOTALL)
+
+
+def conditional_pipeline(null_class: bool) -> DiffEncPipeline:
+    from conftest import make_encoder, make_unet
+
+    from diffenc_diffusers import VDMScheduler
+
+    classes = {"num_class_embeds": 10, "null_class": null_class}
+    return DiffEncPipeline(
+        unet=make_unet(**classes), scheduler=VDMScheduler(encoder_type="trainable"), encoder=make_encoder(**classes)
+    )
+
+
+RUN_BLOCKS = """
+import json
+import sys
+
+for block in json.loads(open(sys.argv[1]).read()):
+    exec(compile(block, "<model card>", "exec"), {"__name__": "__main__"})  # each block in a namespace of its own
+"""
+
+
+@pytest.mark.parametrize("kind", ["unconditional", "class-conditional"])
+def test_every_code_block_of_the_model_card_runs_as_pasted(fake_hub, tmp_path, monkeypatch, kind):
+    """Each block in a namespace of its own, in a new interpreter, its repository id served from an offline cache
+    of the upload (the card's sampling steps lowered to 3 to keep the test short)."""
+    monkeypatch.setattr(hub, "CARD_SAMPLING_STEPS", 3)
+    pipe = make_pipeline("trainable") if kind == "unconditional" else conditional_pipeline(null_class=True)
+    pipe.push_to_hub("org/diffenc-card", bpd=3.25)
+    cache_upload(tmp_path / "home" / "hub", "org/diffenc-card", fake_hub["uploaded"])
+    blocks = code_blocks(fake_hub["card"].text)
+    assert len(blocks) == 2 and all('"org/diffenc-card"' in block for block in blocks)
+    assert all("num_inference_steps=3" in block for block in blocks)
+    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
+    completed = run_fresh(RUN_BLOCKS, tmp_path / "home", str(tmp_path / "blocks.json"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert len(re.findall(r"^tensor\(\d+\.\d+\)$", completed.stdout, flags=re.MULTILINE)) == (
+        1 if kind == "unconditional" else 2
+    )
+    # The card of converted weights differs in its metadata and source section, not in its code.
+    provenance = {"converted from": "the official code", "license_id": "other", "license_link": "https://x.org/l"}
+    converted = hub.make_model_card(pipe, "org/diffenc-card", bpd=3.25, provenance=provenance)
+    assert code_blocks(converted.text) == blocks
+
+
+def test_model_card_metadata_has_the_license_and_the_test_bits_per_dim(fake_hub):
+    make_pipeline("trainable").push_to_hub("org/digits", bpd=1.23456, training_info={"dataset": "digits"})
+    data = fake_hub["card"].data
+    assert data.license == "apache-2.0" and data.library_name == "diffusers"
+    (result,) = data.eval_results
+    assert (result.metric_type, result.metric_value, result.dataset_name) == ("bits-per-dim", 1.2346, "digits")
+    assert result.task_type == "unconditional-image-generation" and data.model_name == "digits"
+    assert "made with diffenc-diffusers 0.1.0, which is not published on PyPI" in fake_hub["card"].text
+    assert "`pip install -e .` in a checkout of diffenc-diffusers" in fake_hub["card"].text
+    hub_dataset = hub.make_model_card(
+        make_pipeline("none"), "org/c10", bpd=3.0, training_info={"dataset": "uoft-cs/cifar10"}
+    )
+    assert hub_dataset.data.eval_results[0].dataset_type == "uoft-cs/cifar10"
+    assert hub.make_model_card(make_pipeline("none"), "org/c10").data.eval_results is None
+    assert hub.make_model_card(make_pipeline("none"), "org/c10", bpd=float("nan")).data.eval_results is None
+    provenance = {"license_id": "other", "license_link": "https://x.org/l"}
+    assert hub.make_model_card(make_pipeline("none"), "org/c10", provenance=provenance).data.license == "other"
