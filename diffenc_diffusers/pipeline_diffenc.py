@@ -29,9 +29,11 @@ from .hub import (
     CONFIG_NAMES,
     WEIGHTS_PREFIX,
     download_pipeline,
+    package_model_index,
     read_model_index,
     saved_components,
     upload_pipeline_folder,
+    write_hub_layout,
 )
 from .models import DiffEncEncoderModel, VDMUNetModel
 from .models.class_embedding import check_class_labels
@@ -448,6 +450,21 @@ class DiffEncPipeline(DiffusionPipeline):
         pipeline.register_to_config(_name_or_path=name)
         return pipeline
 
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> Any:
+        r"""
+        Read model_index.json as :meth:`from_pretrained` loads it: the entries naming the code file saved with
+        the pipeline (`["diffenc_pipeline", ...]`, for diffusers' generic loader) are read as this package's own
+        classes, so that loading never runs code from the folder. Arguments and return value as
+        [`ConfigMixin.load_config`].
+        """
+        loaded = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        converted = package_model_index(config)
+        config.clear()
+        config.update(converted)
+        return loaded
+
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
@@ -459,6 +476,10 @@ class DiffEncPipeline(DiffusionPipeline):
     ) -> None:
         r"""
         Save the pipeline to a folder: model_index.json, and per component its config and safetensors weights.
+        The JSON files hold no local path (diffusers' `_name_or_path` entry is left out). The folder also gets
+        `diffenc_pipeline.py` (at its root and in each component's folder; it only imports this package's
+        classes), named in model_index.json, so that diffusers' generic
+        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads it too.
 
         Args:
             save_directory (`str` or `os.PathLike`): The folder (created if needed).
@@ -466,16 +487,18 @@ class DiffEncPipeline(DiffusionPipeline):
                 only).
             variant (`str`, *optional*): Weights file variant, e.g. "fp16".
             max_shard_size (`int` or `str`, *optional*): Shard the weights above this size.
-            push_to_hub (`bool`, defaults to `False`): Also upload the pipeline files (only those) with a
-                model card, as :meth:`push_to_hub` does. `kwargs` then takes `repo_id` (default: the
-                folder's name), `commit_message`, `private`, `token`, `create_pr`, `training_info` and `bpd`.
+            push_to_hub (`bool`, defaults to `False`): Also upload exactly the files `from_pretrained` loads
+                (those of `variant`) with a model card, as :meth:`push_to_hub` does; nothing else in the folder.
+                `kwargs` then takes `repo_id` (default: the folder's name), `commit_message`, `private`,
+                `token`, `create_pr`, `training_info` and `bpd`.
         """
         if not safe_serialization:
             raise ValueError("DiffEncPipeline saves weights as safetensors only; `safe_serialization` must be True.")
         super().save_pretrained(save_directory, safe_serialization=True, variant=variant, max_shard_size=max_shard_size)
+        write_hub_layout(save_directory, variant)
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", Path(save_directory).resolve().name)
-            upload_pipeline_folder(self, save_directory, repo_id, **kwargs)
+            upload_pipeline_folder(self, save_directory, repo_id, variant=variant, **kwargs)
         elif kwargs:
             raise TypeError(f"Unexpected keyword arguments without `push_to_hub=True`: {sorted(kwargs)}.")
 
@@ -493,8 +516,10 @@ class DiffEncPipeline(DiffusionPipeline):
         r"""
         Upload the pipeline to a Hub model repository (created if needed) with a model card.
 
-        The pipeline is saved into a temporary folder and exactly its files are uploaded: model_index.json,
-        each component's config and safetensors weights, and README.md, a model card with
+        The pipeline is saved into a temporary folder and exactly its files are uploaded in one commit:
+        model_index.json, each component's config and safetensors weights (of `variant`), and README.md (no
+        file holds a local path of this machine; see `diffenc_diffusers.hub.upload_pipeline_folder`), a
+        model card with
         `library_name: diffusers`, the tags diffenc, vdm, diffusion, likelihood and
         unconditional-image-generation, a description of the model, its negative ELBO when `bpd` is given,
         the training settings in `training_info` and a usage snippet.
@@ -519,6 +544,7 @@ class DiffEncPipeline(DiffusionPipeline):
                 self,
                 folder,
                 repo_id,
+                variant=variant,
                 commit_message=commit_message,
                 private=private,
                 token=token,

@@ -9,7 +9,9 @@ numerical agreement with the official code is checked by that script (docs/conve
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -216,13 +218,14 @@ def test_cli_writes_the_folder_and_pushes_with_the_card(tmp_path, monkeypatch, c
     write_checkpoint(tmp_path / "ckpt-7.flax", random_params(name, 0))
     config, _ = write_configs(tmp_path, name)
     uploads = {}
-    monkeypatch.setattr(hub, "create_repo", lambda repo_id, **kwargs: type("Url", (), {"repo_id": repo_id})())
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
 
-    def upload_folder(*, repo_id, folder_path, allow_patterns, **kwargs):
-        uploads.update(repo_id=repo_id, files=set(allow_patterns), card=Path(folder_path, "README.md").read_text())
+    def create_commit(repo_id, operations, **kwargs):
+        files = {operation.path_in_repo: operation.path_or_fileobj for operation in operations}
+        uploads.update(repo_id=repo_id, files=set(files), card=files["README.md"].decode())
         return "commit"
 
-    monkeypatch.setattr(hub, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub, "create_commit", create_commit)
     out = tmp_path / "vdm-cifar10"
     code = cli([str(tmp_path), "--config", str(config), "--output", str(out), "--push_to_hub", "org/vdm",
                 "--license", "apache-2.0"])

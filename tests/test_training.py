@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -53,15 +52,6 @@ FAST = [
     "--final_eval_num_images", "32",
     "--eval_batch_size", "32",
 ]  # fmt: skip
-PIPELINE_FILES = {
-    "model_index.json",
-    "README.md",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "scheduler/scheduler_config.json",
-    "encoder/config.json",
-    "encoder/diffusion_pytorch_model.safetensors",
-}
 
 
 def load_script():
@@ -235,47 +225,6 @@ def test_two_processes_train_like_one(preset, tmp_path, conditional):
     # The tolerance is far below what the steps move the parameters.
     initial = DiffEncPipeline.from_preset(str(preset)).unet.state_dict()
     assert max((trained[f"unet.{k}"] - v.double()).abs().max().item() for k, v in initial.items()) > 1e6 * atol
-
-
-def test_push_uploads_exactly_the_pipeline_files(preset, tmp_path, monkeypatch):
-    import huggingface_hub
-    from huggingface_hub.utils import filter_repo_objects
-
-    from diffenc_diffusers import hub
-
-    calls: dict[str, list[dict]] = {"create_repo": [], "upload_folder": []}
-
-    def create_repo(repo_id, **kwargs):
-        calls["create_repo"].append({"repo_id": repo_id, **kwargs})
-        return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"me/{repo_id}")
-
-    def upload_folder(**kwargs):
-        calls["upload_folder"].append(kwargs)
-
-    for module in (huggingface_hub, hub):
-        monkeypatch.setattr(module, "create_repo", create_repo)
-    monkeypatch.setattr(hub, "upload_folder", upload_folder)
-    output = tmp_path / "pushed"
-    train_diffenc.main(
-        [
-            *("--preset", str(preset), "--output_dir", str(output), *FAST, "--max_train_steps", "1"),
-            *("--validation_steps", "0", "--report_to", "none", "--push_to_hub", "--hub_model_id", "org/tiny"),
-            *("--hub_token", "secret", "--hub_private_repo"),
-        ]
-    )
-    assert calls["create_repo"][0] == {"repo_id": "org/tiny", "exist_ok": True, "private": True, "token": "secret"}
-    (upload,) = calls["upload_folder"]
-    assert upload["repo_id"] == "org/tiny" and upload["token"] == "secret"
-    assert Path(upload["folder_path"]) == output and (output / "checkpoint-1").is_dir()
-    local = [path.relative_to(output).as_posix() for path in output.rglob("*") if path.is_file()]
-    uploaded = set(
-        filter_repo_objects(
-            local, allow_patterns=upload["allow_patterns"], ignore_patterns=upload.get("ignore_patterns")
-        )
-    )
-    assert uploaded == PIPELINE_FILES
-    bpd = json.loads((output / "test_bpd.json").read_text())["continuous"]["bpd"]
-    assert f"{bpd:.4f} bits/dim" in (output / "README.md").read_text()
 
 
 def write_16_bit_folder(root: Path) -> Path:

@@ -688,7 +688,7 @@ class Trainer:
 
     def finish(self) -> None:
         """Save the EMA pipeline, its test bits/dim (test_bpd.json) and model card; push it if asked."""
-        from diffenc_diffusers.hub import make_model_card, upload_pipeline_folder
+        from diffenc_diffusers.hub import make_model_card, save_model_card, upload_pipeline_folder
 
         args = self.args
         if self.accelerator.is_main_process:
@@ -711,7 +711,7 @@ class Trainer:
             if "unconditional" in summary:
                 info["test bits/dim of the null class, -log p(x)"] = round(summary["unconditional"]["bpd"], 4)
             name = self.repo_id or args.output_dir.name
-            make_model_card(pipe, name, training_info=info, bpd=summary["bpd"]).save(args.output_dir / MODEL_CARD_NAME)
+            save_model_card(make_model_card(pipe, name, training_info=info, bpd=summary["bpd"]), args.output_dir)
             logger.info("Saved the EMA pipeline to %s (test %.4f bits/dim).", args.output_dir, summary["bpd"])
             if self.repo_id is not None:
                 upload_pipeline_folder(
