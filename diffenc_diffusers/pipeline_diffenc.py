@@ -14,44 +14,27 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
-from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import CommitInfo
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from PIL import Image
-from safetensors import SafetensorError, safe_open
 
 from .data import check_image_shape, image_to_uint8
 from .discretization import grid_to_uint8
-from .hub import (
-    CONFIG_NAMES,
-    WEIGHTS_PREFIX,
-    download_pipeline,
-    read_model_index,
-    saved_components,
-    upload_pipeline_folder,
-)
+from .hub import download_pipeline, upload_pipeline_folder
 from .models import DiffEncEncoderModel, VDMUNetModel
 from .models.class_embedding import check_class_labels
 from .objective import DiffEncObjective, networks_in_eval_mode
+from .pipeline_folder import COMPONENT_CLASSES, REQUIRED_COMPONENTS  # noqa: F401 (public names kept here)
+from .pipeline_folder import check_pipeline_folder as _check_pipeline_folder
+from .pipeline_folder import check_required_components as _check_required  # noqa: F401 (old private name)
+from .presets import PRESETS_DIR, build_preset_components, preset_names, resolve_preset  # noqa: F401
 from .scheduling_vdm import VDMScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 """Accepted `output_type` values of :meth:`DiffEncPipeline.__call__`."""
-
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "pipelines"
-"""The repository's preset folder (present in a checkout or an editable install, not in a wheel)."""
-
-COMPONENT_CLASSES: dict[str, type] = {
-    "unet": VDMUNetModel,
-    "scheduler": VDMScheduler,
-    "encoder": DiffEncEncoderModel,
-}
-"""The class of each pipeline component, as recorded in a preset's model_index.json."""
-
-REQUIRED_COMPONENTS = ("unet", "scheduler")
 
 IMAGE_KEYS = ("image", "img", "images", "pixel_values")
 """Dict keys / dataset columns taken to hold the images when `image_column` is not given."""
@@ -96,7 +79,7 @@ class DiffEncPipeline(DiffusionPipeline):
 
     This model inherits from [`DiffusionPipeline`]: saving, loading, `.to(...)`, progress-bar configuration
     and CPU offload work as for any diffusers pipeline. :meth:`from_pretrained` also accepts Hub repository
-    ids, and :meth:`from_preset` builds an untrained pipeline from a preset of the repository's `pipelines/`.
+    ids, and :meth:`from_preset` builds an untrained pipeline from a named preset (`diffenc_diffusers/presets/`).
 
     Parameters:
         unet ([`VDMUNetModel`]): The denoiser, called as `unet(z_t, gamma_t).sample`.
@@ -538,8 +521,8 @@ class DiffEncPipeline(DiffusionPipeline):
         reproducible initial weights.
 
         Args:
-            name_or_path (`str` or `os.PathLike`): A preset folder, or the name of one of the repository's
-                presets (a folder of `pipelines/`, e.g. `"digits-vdm"` or `"cifar10-diffenc-32-4"`).
+            name_or_path (`str` or `os.PathLike`): A preset folder, or the name of a preset shipped with the
+                package in `diffenc_diffusers/presets/` (e.g. `"digits-vdm"` or `"cifar10-diffenc-32-4"`).
 
         Example:
 
@@ -549,109 +532,10 @@ class DiffEncPipeline(DiffusionPipeline):
         >>> pipe = DiffEncPipeline.from_preset("digits-diffenc-trainable")
         ```
         """
-        folder = resolve_preset(name_or_path)
-        model_index = read_model_index(folder)
-        components = {}
-        for name in saved_components(model_index):
-            component_class = COMPONENT_CLASSES.get(name)
-            if component_class is None:
-                raise ValueError(
-                    f"The preset {str(folder)!r} lists a component {name!r}; DiffEncPipeline's components "
-                    f"are {list(COMPONENT_CLASSES)}."
-                )
-            if model_index[name][1] != component_class.__name__:
-                raise ValueError(
-                    f"The preset {str(folder)!r} records {name!r} as {model_index[name][1]!r}; expected "
-                    f"{component_class.__name__!r}."
-                )
-            component_folder = folder / name
-            if not component_folder.is_dir():
-                raise FileNotFoundError(
-                    f"The preset {str(folder)!r} lists the component {name!r} but has no {name}/ folder."
-                )
-            components[name] = component_class.from_config(component_class.load_config(component_folder))
-        _check_required(components, folder)
+        folder, components = build_preset_components(name_or_path)
         pipeline = cls(**components)
         pipeline.register_to_config(_name_or_path=str(folder))
         return pipeline
-
-
-def preset_names() -> list[str]:
-    """Names of the presets in the repository's `pipelines/` folder (empty when it is not available)."""
-    if not PRESETS_DIR.is_dir():
-        return []
-    return sorted(path.name for path in PRESETS_DIR.iterdir() if (path / "model_index.json").is_file())
-
-
-def resolve_preset(name_or_path: str | os.PathLike) -> Path:
-    """The folder of a preset given by path or by name (a folder of the repository's `pipelines/`).
-
-    Raises:
-        FileNotFoundError: Neither a folder nor a known preset name; the message lists the available presets.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    name = os.fspath(name_or_path)
-    candidate = PRESETS_DIR / name
-    if "/" not in name and os.sep not in name and (candidate / "model_index.json").is_file():
-        return candidate
-    if not PRESETS_DIR.is_dir():
-        raise FileNotFoundError(
-            f"{name!r} is not a preset folder, and the named presets are not available: they live in the "
-            f"repository's pipelines/ folder ({PRESETS_DIR} does not exist in this installation). Pass the "
-            "path of a preset folder, or install diffenc-diffusers from a checkout (pip install -e .)."
-        )
-    raise FileNotFoundError(
-        f"{name!r} is neither a preset folder nor a preset name; available presets: {preset_names()}."
-    )
-
-
-def _check_required(components: Mapping[str, Any], folder: str | os.PathLike) -> None:
-    for name in REQUIRED_COMPONENTS:
-        if name not in components:
-            raise ValueError(f"{os.fspath(folder)!r}: model_index.json does not list the required component {name!r}.")
-
-
-def _check_pipeline_folder(folder: str | os.PathLike, passed: set[str]) -> None:
-    """Check that every component of a saved pipeline (except those passed in) is complete and readable."""
-    root = Path(folder)
-    listed = saved_components(read_model_index(root))
-    _check_required(dict.fromkeys(listed + sorted(passed)), root)
-    for name in listed:
-        if name in passed:
-            continue
-        component_folder = root / name
-        if not component_folder.is_dir():
-            raise FileNotFoundError(
-                f"The pipeline folder {str(root)!r} is missing the component {name!r}: model_index.json "
-                f"lists it, but there is no {name}/ folder. Copy the complete folder, or pass `{name}=` to "
-                "from_pretrained."
-            )
-        if not any((component_folder / config_name).is_file() for config_name in CONFIG_NAMES):
-            raise FileNotFoundError(
-                f"The component {name!r} of {str(root)!r} has no config file ({' or '.join(CONFIG_NAMES)})."
-            )
-        component_class = COMPONENT_CLASSES.get(name)
-        if component_class is None or not issubclass(component_class, ModelMixin):
-            continue
-        weights = sorted(component_folder.glob(f"{WEIGHTS_PREFIX}*.safetensors"))
-        if not weights:
-            pickled = sorted(path.name for path in component_folder.glob(f"{WEIGHTS_PREFIX}*.bin"))
-            hint = f" It holds {pickled}, which are pickle files and are never loaded." if pickled else ""
-            raise FileNotFoundError(
-                f"The component {name!r} of {str(root)!r} has no safetensors weights "
-                f"({WEIGHTS_PREFIX}.safetensors).{hint}"
-            )
-        for path in weights:
-            try:
-                with safe_open(path, framework="pt"):
-                    pass
-            except SafetensorError as error:
-                raise OSError(
-                    f"The weights file {path} of component {name!r} is truncated or corrupted ({error}); "
-                    "save or download the pipeline again."
-                ) from error
 
 
 # --------------------------------------------------------------------------------------------- image inputs
