@@ -62,9 +62,7 @@ def component_configs(folder: str | os.PathLike) -> dict[str, tuple[type, Path]]
             )
         component_folder = root / name
         if not component_folder.is_dir():
-            raise FileNotFoundError(
-                f"The preset {str(root)!r} lists the component {name!r} but has no {name}/ folder."
-            )
+            raise FileNotFoundError(f"The preset {str(root)!r} lists the component {name!r} but has no {name}/ folder.")
         components[name] = (component_class, component_folder)
     check_required_components(components, root)
     return components
