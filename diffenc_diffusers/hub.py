@@ -86,9 +86,15 @@ def read_model_index(folder: str | os.PathLike) -> dict[str, Any]:
             "pipeline with `save_pretrained`, or pass the folder that holds model_index.json."
         )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        model_index = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error}).") from error
+    if not isinstance(model_index, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(model_index).__name__}; a model_index.json is a JSON object mapping "
+            '"_class_name" and each component name to [library, class].'
+        )
+    return model_index
 
 
 def saved_components(model_index: Mapping[str, Any]) -> list[str]:

@@ -1,68 +1,42 @@
-"""DiffEncPipeline: sampling, likelihood in bits/dim, presets and Hub I/O for VDM and DiffEnc models."""
+"""DiffEncPipeline: sampling, likelihood in bits/dim and Hub I/O for VDM and DiffEnc models."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import os
-import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
-from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import CommitInfo
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from PIL import Image
-from safetensors import SafetensorError, safe_open
 
-from .data import check_image_shape, image_to_uint8
+from .data import IMAGE_KEYS, INTEGER_DTYPES, LABEL_KEYS, likelihood_batches  # noqa: F401 (names kept here)
 from .discretization import grid_to_uint8
 from .hub import (
-    CONFIG_NAMES,
-    WEIGHTS_PREFIX,
     download_pipeline,
     package_model_index,
-    read_model_index,
-    saved_components,
     upload_pipeline_folder,
     write_hub_layout,
 )
 from .models import DiffEncEncoderModel, VDMUNetModel
 from .models.class_embedding import check_class_labels
 from .objective import DiffEncObjective, networks_in_eval_mode
+from .pipeline_folder import COMPONENT_CLASSES, REQUIRED_COMPONENTS  # noqa: F401 (public names kept here)
+from .pipeline_folder import check_pipeline_folder as _check_pipeline_folder
+from .presets import PRESETS_DIR, build_preset_components, preset_names, resolve_preset  # noqa: F401
 from .scheduling_vdm import VDMScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 """Accepted `output_type` values of :meth:`DiffEncPipeline.__call__`."""
-
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "pipelines"
-"""The repository's preset folder (present in a checkout or an editable install, not in a wheel)."""
-
-COMPONENT_CLASSES: dict[str, type] = {
-    "unet": VDMUNetModel,
-    "scheduler": VDMScheduler,
-    "encoder": DiffEncEncoderModel,
-}
-"""The class of each pipeline component, as recorded in a preset's model_index.json."""
-
-REQUIRED_COMPONENTS = ("unet", "scheduler")
-
-IMAGE_KEYS = ("image", "img", "images", "pixel_values")
-"""Dict keys / dataset columns taken to hold the images when `image_column` is not given."""
-
-LABEL_KEYS = ("label", "labels", "class_labels")
-"""Dict keys of a DataLoader's batches taken to hold the class labels when `label_column` is not given."""
-
-INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
-"""datasets value dtypes accepted for a column of class labels (a `datasets.ClassLabel` is int64)."""
 
 
 @dataclass
@@ -98,7 +72,7 @@ class DiffEncPipeline(DiffusionPipeline):
 
     This model inherits from [`DiffusionPipeline`]: saving, loading, `.to(...)`, progress-bar configuration
     and CPU offload work as for any diffusers pipeline. :meth:`from_pretrained` also accepts Hub repository
-    ids, and :meth:`from_preset` builds an untrained pipeline from a preset of the repository's `pipelines/`.
+    ids, and :meth:`from_preset` builds an untrained pipeline from a named preset (`diffenc_diffusers/presets/`).
 
     Parameters:
         unet ([`VDMUNetModel`]): The denoiser, called as `unet(z_t, gamma_t).sample`.
@@ -324,14 +298,14 @@ class DiffEncPipeline(DiffusionPipeline):
             show_progress (`bool`, defaults to `True`): Show a progress bar over batches.
             return_dict (`bool`, defaults to `True`): Return a [`DiffEncLikelihoodOutput`] instead of the
                 tuple `(bpd, loss_recon, loss_klz, loss_diff)`.
-            class_labels (`torch.Tensor` of shape `(N,)`, *optional*): Integer labels of the images for a
+            class_labels (`torch.Tensor` of shape `(N,)` or `list[int]`, *optional*): Integer labels of the images for a
                 class-conditional model, 0 .. K - 1 or K (the null class, if the model has one): the result is
                 the conditional ELBO -log p(x | c). Only with a uint8 tensor of images (a DataLoader or a
                 dataset brings its own labels); required there for a class-conditional model, refused for an
                 unconditional one.
             label_column (`str`, *optional*): The dict key of a DataLoader's batches or the `datasets.Dataset`
-                column holding the integer class labels. By default the only key named "label", "labels" or
-                "class_labels", and the only `datasets.ClassLabel` column of a dataset. Not for a tensor or for
+                column holding the integer class labels. By default the only `datasets.ClassLabel` column, else
+                the only key or column named "label", "labels" or "class_labels". Not for a tensor or for
                 tuple batches (whose second element is the labels). Checked when given; its values are read
                 only by a class-conditional pipeline.
 
@@ -356,19 +330,10 @@ class DiffEncPipeline(DiffusionPipeline):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"`generator` must be a single torch.Generator or None, got {type(generator).__name__}.")
         objective = DiffEncObjective(self.unet, self.scheduler, encoder=self.encoder, num_timesteps=num_timesteps)
-        classes = _Classes(objective.num_classes, objective.null_label)
-        if class_labels is not None:
-            if classes.num_classes is None:
-                raise ValueError("`class_labels` were given, but this pipeline's models are unconditional.")
-            if not isinstance(images, torch.Tensor):
-                raise TypeError(
-                    "`class_labels` go with the images as a uint8 tensor (N, C, H, W); a DataLoader or a "
-                    "datasets.Dataset brings its own labels (the second element of its (images, labels) batches, "
-                    f"or the dict key / dataset column `label_column`). Got images of type {type(images).__name__}."
-                )
-        batches = _likelihood_batches(
-            images, batch_size, image_column, label_column, self.image_shape, classes, class_labels
-        )
+        batches = likelihood_batches(
+            images, batch_size, self.image_shape, objective.num_classes, objective.null_label is not None,
+            class_labels=class_labels, image_column=image_column, label_column=label_column,
+        )  # fmt: skip
 
         device = self._execution_device
         autocast = self._network_autocast(device)
@@ -564,8 +529,8 @@ class DiffEncPipeline(DiffusionPipeline):
         reproducible initial weights.
 
         Args:
-            name_or_path (`str` or `os.PathLike`): A preset folder, or the name of one of the repository's
-                presets (a folder of `pipelines/`, e.g. `"digits-vdm"` or `"cifar10-diffenc-32-4"`).
+            name_or_path (`str` or `os.PathLike`): A preset folder, or the name of a preset shipped with the
+                package in `diffenc_diffusers/presets/` (e.g. `"digits-vdm"` or `"cifar10-diffenc-32-4"`).
 
         Example:
 
@@ -575,406 +540,7 @@ class DiffEncPipeline(DiffusionPipeline):
         >>> pipe = DiffEncPipeline.from_preset("digits-diffenc-trainable")
         ```
         """
-        folder = resolve_preset(name_or_path)
-        model_index = read_model_index(folder)
-        components = {}
-        for name in saved_components(model_index):
-            component_class = COMPONENT_CLASSES.get(name)
-            if component_class is None:
-                raise ValueError(
-                    f"The preset {str(folder)!r} lists a component {name!r}; DiffEncPipeline's components "
-                    f"are {list(COMPONENT_CLASSES)}."
-                )
-            if model_index[name][1] != component_class.__name__:
-                raise ValueError(
-                    f"The preset {str(folder)!r} records {name!r} as {model_index[name][1]!r}; expected "
-                    f"{component_class.__name__!r}."
-                )
-            component_folder = folder / name
-            if not component_folder.is_dir():
-                raise FileNotFoundError(
-                    f"The preset {str(folder)!r} lists the component {name!r} but has no {name}/ folder."
-                )
-            components[name] = component_class.from_config(component_class.load_config(component_folder))
-        _check_required(components, folder)
+        folder, components = build_preset_components(name_or_path)
         pipeline = cls(**components)
         pipeline.register_to_config(_name_or_path=str(folder))
         return pipeline
-
-
-def preset_names() -> list[str]:
-    """Names of the presets in the repository's `pipelines/` folder (empty when it is not available)."""
-    if not PRESETS_DIR.is_dir():
-        return []
-    return sorted(path.name for path in PRESETS_DIR.iterdir() if (path / "model_index.json").is_file())
-
-
-def resolve_preset(name_or_path: str | os.PathLike) -> Path:
-    """The folder of a preset given by path or by name (a folder of the repository's `pipelines/`).
-
-    Raises:
-        FileNotFoundError: Neither a folder nor a known preset name; the message lists the available presets.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    name = os.fspath(name_or_path)
-    candidate = PRESETS_DIR / name
-    if "/" not in name and os.sep not in name and (candidate / "model_index.json").is_file():
-        return candidate
-    if not PRESETS_DIR.is_dir():
-        raise FileNotFoundError(
-            f"{name!r} is not a preset folder, and the named presets are not available: they live in the "
-            f"repository's pipelines/ folder ({PRESETS_DIR} does not exist in this installation). Pass the "
-            "path of a preset folder, or install diffenc-diffusers from a checkout (pip install -e .)."
-        )
-    raise FileNotFoundError(
-        f"{name!r} is neither a preset folder nor a preset name; available presets: {preset_names()}."
-    )
-
-
-def _check_required(components: Mapping[str, Any], folder: str | os.PathLike) -> None:
-    for name in REQUIRED_COMPONENTS:
-        if name not in components:
-            raise ValueError(f"{os.fspath(folder)!r}: model_index.json does not list the required component {name!r}.")
-
-
-def _check_pipeline_folder(folder: str | os.PathLike, passed: set[str]) -> None:
-    """Check that every component of a saved pipeline (except those passed in) is complete and readable."""
-    root = Path(folder)
-    listed = saved_components(read_model_index(root))
-    _check_required(dict.fromkeys(listed + sorted(passed)), root)
-    for name in listed:
-        if name in passed:
-            continue
-        component_folder = root / name
-        if not component_folder.is_dir():
-            raise FileNotFoundError(
-                f"The pipeline folder {str(root)!r} is missing the component {name!r}: model_index.json "
-                f"lists it, but there is no {name}/ folder. Copy the complete folder, or pass `{name}=` to "
-                "from_pretrained."
-            )
-        if not any((component_folder / config_name).is_file() for config_name in CONFIG_NAMES):
-            raise FileNotFoundError(
-                f"The component {name!r} of {str(root)!r} has no config file ({' or '.join(CONFIG_NAMES)})."
-            )
-        component_class = COMPONENT_CLASSES.get(name)
-        if component_class is None or not issubclass(component_class, ModelMixin):
-            continue
-        weights = sorted(component_folder.glob(f"{WEIGHTS_PREFIX}*.safetensors"))
-        if not weights:
-            pickled = sorted(path.name for path in component_folder.glob(f"{WEIGHTS_PREFIX}*.bin"))
-            hint = f" It holds {pickled}, which are pickle files and are never loaded." if pickled else ""
-            raise FileNotFoundError(
-                f"The component {name!r} of {str(root)!r} has no safetensors weights "
-                f"({WEIGHTS_PREFIX}.safetensors).{hint}"
-            )
-        for path in weights:
-            try:
-                with safe_open(path, framework="pt"):
-                    pass
-            except SafetensorError as error:
-                raise OSError(
-                    f"The weights file {path} of component {name!r} is truncated or corrupted ({error}); "
-                    "save or download the pipeline again."
-                ) from error
-
-
-# --------------------------------------------------------------------------------------------- image inputs
-
-
-_Batch = tuple[torch.Tensor, torch.Tensor | None]
-"""One batch of the likelihood: uint8 images (B, C, H, W) and their int64 labels (B,), or None (unconditional)."""
-
-
-@dataclass(frozen=True)
-class _Classes:
-    """The classes of the networks: K (None for an unconditional model) and the null label K (or None)."""
-
-    num_classes: int | None
-    null_label: int | None
-
-
-class _SizedBatches:
-    """An iterable of batches with a known length (so that progress bars show a total)."""
-
-    def __init__(self, batches: Iterable[_Batch], length: int):
-        self._batches = batches
-        self._length = length
-
-    def __iter__(self) -> Iterator[_Batch]:
-        return iter(self._batches)
-
-    def __len__(self) -> int:
-        return self._length
-
-
-def _likelihood_batches(
-    images: Any,
-    batch_size: int,
-    image_column: str | None,
-    label_column: str | None,
-    shape: tuple[int, int, int],
-    classes: _Classes,
-    class_labels: torch.Tensor | None,
-) -> Iterable[_Batch]:
-    """Checked (images, labels) batches from a tensor (with `class_labels`), a DataLoader or a datasets.Dataset;
-    the labels are None for an unconditional model (whatever the data holds)."""
-    conditional = classes.num_classes is not None
-    if isinstance(images, torch.Tensor):
-        if label_column is not None:
-            raise ValueError(
-                f"`label_column` ({label_column!r}) names a dict key of a DataLoader's batches or a column of a "
-                "datasets.Dataset; with the images as a tensor pass their labels as `class_labels`."
-            )
-        images = _check_batch(images, shape, "`images`")
-        labels = None
-        if conditional:
-            if class_labels is None:
-                raise ValueError("This pipeline is class-conditional: pass `class_labels`, one label per image.")
-            labels = _check_labels(class_labels, images.shape[0], classes, "`class_labels`")
-        starts = range(0, images.shape[0], batch_size)
-        batches = (
-            (images[start : start + batch_size], None if labels is None else labels[start : start + batch_size])
-            for start in starts
-        )
-        return _SizedBatches(batches, len(starts))
-    if isinstance(images, torch.utils.data.DataLoader):
-        batches = (
-            _loader_batch(item, index, image_column, label_column, shape, classes) for index, item in enumerate(images)
-        )
-        try:
-            return _SizedBatches(batches, len(images))
-        except TypeError:
-            return batches
-    datasets = sys.modules.get("datasets")
-    if datasets is not None and isinstance(images, datasets.Dataset):
-        return _dataset_batches(images, batch_size, image_column, label_column, shape, classes)
-    raise TypeError(
-        "`images` must be a uint8 torch.Tensor of shape (N, C, H, W), a torch.utils.data.DataLoader of such "
-        f"batches, or a datasets.Dataset; got {type(images).__name__}."
-    )
-
-
-def _loader_batch(
-    item: Any,
-    index: int,
-    image_column: str | None,
-    label_column: str | None,
-    shape: tuple[int, int, int],
-    classes: _Classes,
-) -> _Batch:
-    what = f"batch {index} of the DataLoader"
-    images = _check_batch(_batch_images(item, image_column), shape, what)
-    conditional = classes.num_classes is not None
-    labels = _batch_labels(item, label_column, what, required=conditional)
-    if not conditional:
-        return images, None
-    return images, _check_labels(labels, images.shape[0], classes, f"the labels of {what}")
-
-
-def _check_labels(labels: Any, count: int, classes: _Classes, what: str) -> torch.Tensor:
-    """`labels` as int64 (count,) if they are an integer tensor of that shape holding labels of the model's
-    classes (0 .. K - 1, or K for a model with a null class); a ``TypeError``/``ValueError`` naming them otherwise."""
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{what} must be an integer torch.Tensor of shape ({count},), got {type(labels).__name__}.")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"{what} must be integer class labels, got a tensor of dtype {labels.dtype}.")
-    if labels.shape != (count,):
-        raise ValueError(
-            f"{what} must be a tensor of shape ({count},), one label per image; got {tuple(labels.shape)}."
-        )
-    num_classes = classes.num_classes
-    limit = num_classes if classes.null_label is None else num_classes + 1
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= limit):
-        null = "" if classes.null_label is None else f", or {classes.null_label} (the null class)"
-        raise ValueError(
-            f"{what} must hold labels 0 .. {num_classes - 1}{null} (the model's num_class_embeds={num_classes}); "
-            f"got values in [{int(labels.min())}, {int(labels.max())}]."
-        )
-    return labels.long()
-
-
-def _check_batch(batch: Any, shape: tuple[int, int, int], what: str) -> torch.Tensor:
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(f"{what} must be a uint8 torch.Tensor of shape (N, C, H, W), got {type(batch).__name__}.")
-    if batch.dtype != torch.uint8:
-        raise TypeError(
-            f"{what} must have dtype torch.uint8 (8-bit values 0..255), got {batch.dtype}. (For torchvision "
-            "datasets use transforms.PILToTensor(), not ToTensor(), which rescales to floats.)"
-        )
-    if batch.ndim != 4 or tuple(batch.shape[1:]) != shape:
-        raise ValueError(
-            f"{what} has shape {tuple(batch.shape)}; this model takes uint8 images of shape (N, {shape[0]}, "
-            f"{shape[1]}, {shape[2]}) (the denoiser's in_channels and sample_size); images are never resized."
-        )
-    return batch
-
-
-def _pick_column(names: list[str], preferred: list[str], image_column: str | None, what: str) -> str:
-    if image_column is not None:
-        if image_column not in names:
-            raise ValueError(f"`image_column` {image_column!r} is not among the {what}: {names}.")
-        return image_column
-    candidates = preferred or [name for name in names if name in IMAGE_KEYS] or (names if len(names) == 1 else [])
-    if len(candidates) != 1:
-        raise ValueError(f"Cannot tell which of the {what} {names} holds the images; pass `image_column`.")
-    return candidates[0]
-
-
-def _batch_images(item: Any, image_column: str | None) -> Any:
-    """The images of one DataLoader batch: the batch itself, its first element, or a dict entry."""
-    if isinstance(item, Mapping):
-        return item[_pick_column(list(item), [], image_column, "keys of the DataLoader's dicts")]
-    if isinstance(item, (list, tuple)) and item:
-        return item[0]
-    return item
-
-
-def _batch_labels(item: Any, label_column: str | None, what: str, required: bool) -> Any:
-    """The labels of one DataLoader batch: the second element of a tuple or list, or a dict entry (the key
-    `label_column`, else the only key of :data:`LABEL_KEYS`); None when there are none and none are required."""
-    if isinstance(item, Mapping):
-        keys = list(item)
-        if label_column is not None:
-            if label_column not in item:
-                raise ValueError(f"`label_column` {label_column!r} is not among the keys of {what}: {keys}.")
-            return item[label_column]
-        found = [key for key in keys if key in LABEL_KEYS]
-        if len(found) == 1:
-            return item[found[0]]
-        if required:
-            raise ValueError(
-                f"This pipeline is class-conditional, and {what} is a dict with the keys {keys}: "
-                f"{'several' if found else 'none'} of them named {list(LABEL_KEYS)}, so it cannot tell which "
-                "holds the class labels; pass `label_column`."
-            )
-        return None
-    if label_column is not None:
-        raise ValueError(
-            f"`label_column` ({label_column!r}) names a key of dict batches, but {what} is a "
-            f"{type(item).__name__}; (images, labels) tuples and lists carry the labels as their second element."
-        )
-    if isinstance(item, (list, tuple)) and len(item) >= 2:
-        return item[1]
-    if required:
-        raise ValueError(
-            f"This pipeline is class-conditional, but {what} holds no class labels: the DataLoader must yield "
-            f"(images, labels) tuples or lists, or dicts with the labels under `label_column`; got a "
-            f"{type(item).__name__}{f' of length {len(item)}' if isinstance(item, (list, tuple)) else ''}."
-        )
-    return None
-
-
-def _dataset_batches(
-    dataset: Any,
-    batch_size: int,
-    image_column: str | None,
-    label_column: str | None,
-    shape: tuple[int, int, int],
-    classes: _Classes,
-) -> _SizedBatches:
-    datasets = sys.modules["datasets"]
-    features = dataset.features
-    names = list(dataset.column_names)
-    label_name = _dataset_label_column(dataset, label_column, required=classes.num_classes is not None)
-    labels_of = _dataset_labels(dataset, label_name, classes) if classes.num_classes is not None else None
-    image_features = [name for name in names if isinstance(features[name], datasets.Image)]
-    column = _pick_column(names, image_features, image_column, "dataset's columns")
-    convert: Callable[[Any, int], torch.Tensor]
-    if isinstance(features[column], datasets.Image):
-        source = dataset.with_format(None)
-
-        def convert(examples: Any, start: int) -> torch.Tensor:
-            return torch.stack(
-                [
-                    _checked_image(image, shape, f"image {start + offset} of the dataset")
-                    for offset, image in enumerate(examples)
-                ]
-            )
-
-    else:
-        dtype = _feature_dtype(features[column])
-        if dtype != "uint8":
-            raise TypeError(
-                f"The dataset column {column!r} holds {dtype} values; bits_per_dim needs 8-bit images: a "
-                "column of PIL images (datasets.Image) or of uint8 arrays of shape (C, H, W)."
-            )
-        source = dataset.with_format("torch", columns=[column])
-
-        def convert(examples: Any, start: int) -> torch.Tensor:
-            # The column is declared uint8, so every value is in 0..255 (the torch format widens it to int64).
-            tensors = [tensor.to(torch.uint8) for tensor in examples]
-            for offset, tensor in enumerate(tensors):
-                _check_batch(tensor.unsqueeze(0), shape, f"image {start + offset} of the dataset")
-            return torch.stack(tensors)
-
-    starts = range(0, len(dataset), batch_size)
-    batches = (
-        (
-            convert(source[start : start + batch_size][column], start),
-            None if labels_of is None else labels_of(start, min(start + batch_size, len(dataset))),
-        )
-        for start in starts
-    )
-    return _SizedBatches(batches, len(starts))
-
-
-def _dataset_label_column(dataset: Any, label_column: str | None, required: bool) -> str | None:
-    """The dataset's label column: `label_column` (which must exist), else its only `datasets.ClassLabel` column;
-    None when there is none and none is required."""
-    datasets = sys.modules["datasets"]
-    names = list(dataset.column_names)
-    if label_column is not None:
-        if label_column not in names:
-            raise ValueError(f"`label_column` {label_column!r} is not among the dataset's columns: {names}.")
-        return label_column
-    class_label_columns = [name for name in names if isinstance(dataset.features[name], datasets.ClassLabel)]
-    if len(class_label_columns) == 1:
-        return class_label_columns[0]
-    if required:
-        raise ValueError(
-            f"This pipeline is class-conditional, and the dataset has {len(class_label_columns) or 'no'} "
-            f"datasets.ClassLabel column(s) among its columns {names}, so it cannot tell which holds the class "
-            "labels; pass `label_column`."
-        )
-    return None
-
-
-def _dataset_labels(dataset: Any, column: str, classes: _Classes) -> Callable[[int, int], torch.Tensor]:
-    """A function (start, stop) -> the checked int64 labels of those examples of the column."""
-    dtype = _feature_dtype(dataset.features[column])
-    if dtype not in INTEGER_DTYPES:
-        raise TypeError(
-            f"The dataset column {column!r} holds {dtype} values; class labels must be integers (a "
-            "datasets.ClassLabel or an integer datasets.Value column)."
-        )
-    source = dataset.select_columns([column]).with_format(None)
-
-    def labels_of(start: int, stop: int) -> torch.Tensor:
-        what = f"the labels of examples {start} .. {stop - 1} of the dataset (column {column!r})"
-        values = source[start:stop][column]
-        if any(value is None for value in values):
-            raise ValueError(f"{what} include missing values (None); every image needs a class label.")
-        return _check_labels(torch.tensor(values, dtype=torch.int64), stop - start, classes, what)
-
-    return labels_of
-
-
-def _checked_image(image: Any, shape: tuple[int, int, int], what: str) -> torch.Tensor:
-    """A PIL image of a dataset as an exact uint8 tensor (C, H, W) of the model's shape."""
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"{what} must be a PIL image, got {type(image).__name__}.")
-    tensor = image_to_uint8(image, what)
-    check_image_shape(tensor, shape, what)
-    return tensor
-
-
-def _feature_dtype(feature: Any) -> str | None:
-    """The value dtype of a datasets feature (arrays, sequences and lists of values), or None."""
-    while feature is not None:
-        dtype = getattr(feature, "dtype", None)
-        if isinstance(dtype, str):
-            return dtype
-        feature = getattr(feature, "feature", None)
-    return None

@@ -194,7 +194,7 @@ def test_bits_per_dim_reads_the_labels_of_dataloaders_and_datasets(images):
     assert_same(likelihood(pipe, integers, batch_size=2, label_column="digit"), expected)
     with pytest.raises(
         ValueError,
-        match=r"no datasets.ClassLabel column\(s\) among its columns \['picture', 'digit'\].*pass `label_column`",
+        match=r"none of the dataset's columns \['picture', 'digit'\] is a datasets.ClassLabel.*pass `label_column`",
     ):
         likelihood(pipe, integers, batch_size=2)
 
@@ -228,7 +228,7 @@ def test_labels_missing_or_wrong_in_a_loader_or_dataset_raise(images):
     with pytest.raises(ValueError, match=r"holds no class labels.*got a list of length 1"):
         likelihood(pipe, loader(torch.utils.data.TensorDataset(images), batch_size=2))
     with pytest.raises(
-        ValueError, match=r"keys \['image', 'label', 'labels'\]: several of them .* pass `label_column`"
+        ValueError, match=r"several of the keys .* \['image', 'label', 'labels'\] are named .* pass `label_column`"
     ):
         likelihood(pipe, loader([{"image": x, "label": 0, "labels": 1} for x in images], batch_size=2))
     with pytest.raises(

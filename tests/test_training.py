@@ -284,7 +284,7 @@ def test_bad_data_and_presets_fail_before_training(preset, tmp_path, capsys):
 @pytest.mark.parametrize("name", ["digits-vdm", "digits-diffenc-nontrainable", "digits-diffenc-trainable"])
 def test_presets_training_configs_are_flags(name, tmp_path):
     args = train_diffenc.parse_args(["--preset", name, "--output_dir", str(tmp_path), "--learning_rate", "0.5"])
-    config = json.loads((REPO_ROOT / "pipelines" / name / "training_config.json").read_text())
+    config = json.loads((REPO_ROOT / "diffenc_diffusers" / "presets" / name / "training_config.json").read_text())
     assert args.learning_rate == 0.5 and args.dataset == config["dataset"] == "digits"
     assert args.max_train_steps == config["max_train_steps"] and args.num_timesteps is None
 

@@ -231,7 +231,7 @@ def test_conditional_preset_on_data_without_labels_names_the_label_column(condit
 
 def test_conditional_presets_build_and_differ_from_their_unconditional_ones_only_by_classes():
     for dataset in ("digits", "mnist5k"):
-        folder = REPO_ROOT / "pipelines"
+        folder = REPO_ROOT / "diffenc_diffusers" / "presets"
         conditional = json.loads(
             (folder / f"{dataset}-diffenc-trainable-classcond" / "training_config.json").read_text()
         )

@@ -5,7 +5,7 @@
     python training/train_diffenc.py --preset cifar10-diffenc-32-4 --output_dir out/c10 --mixed_precision bf16
     torchrun --nproc_per_node 2 training/train_diffenc.py --cpu --preset digits-vdm --output_dir outputs/ddp
 
-The model comes from a preset folder (``pipelines/<name>/``) or any folder laid out like one: a diffusers
+The model comes from a preset (``diffenc_diffusers/presets/<name>/``) or any folder laid out like one: a diffusers
 pipeline folder without weights plus ``training_config.json``, whose keys set the defaults of the training
 flags (``diffenc_diffusers.training.config``); flags given on the command line win. The run minimises the
 per-image negative ELBO in bits/dim (``DiffEncObjective``) with AdamW, keeps an EMA of every trained parameter
@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--preset",
         required=True,
-        help="A preset name (a folder under pipelines/) or the path of a pipeline config folder holding "
-        "model_index.json, component configs and training_config.json.",
+        help="A preset name (a folder under diffenc_diffusers/presets/) or the path of a pipeline config folder "
+        "holding model_index.json, component configs and training_config.json.",
     )
     model.add_argument(
         "--dropout",
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_preset(name_or_path: str) -> Path:
-    """The folder of a preset name (under ``pipelines/``) or path; else ``ValueError`` listing presets."""
+    """The folder of a preset name (``diffenc_diffusers/presets/``) or path; else ``ValueError`` listing presets."""
     from diffenc_diffusers.pipeline_diffenc import resolve_preset as resolve
 
     try:

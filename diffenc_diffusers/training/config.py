@@ -1,6 +1,6 @@
 """The training settings of a preset: the keys of ``training_config.json``, their types and built-in defaults.
 
-A preset folder (``pipelines/<name>/``) is a diffusers pipeline folder without weights plus
+A preset folder (``diffenc_diffusers/presets/<name>/``) is a diffusers pipeline folder without weights plus
 ``training_config.json``, whose keys are ``training/train_diffenc.py``'s flag names without the dashes and set
 their defaults (a flag given on the command line wins over the file, which wins over the built-in default).
 """
