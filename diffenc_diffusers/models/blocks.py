@@ -325,7 +325,8 @@ class UpcastGroupNorm(nn.GroupNorm):
             `torch.Tensor`: Same shape and dtype as `hidden_states`.
         """
         dtype = torch.promote_types(hidden_states.dtype, torch.float32)
-        args = (hidden_states.to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps)
+        # CUDA's group-norm kernels take only the plain contiguous layout (the CPU ones also channels_last).
+        args = (hidden_states.to(dtype).contiguous(), self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps)
         normalized = _GroupNormFunction.apply(*args)[0] if self.forward_ad_compatible else F.group_norm(*args)
         return normalized.to(hidden_states.dtype)
 
