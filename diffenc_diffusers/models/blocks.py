@@ -326,9 +326,74 @@ class UpcastGroupNorm(nn.GroupNorm):
         """
         dtype = torch.promote_types(hidden_states.dtype, torch.float32)
         # CUDA's group-norm kernels take only the plain contiguous layout (the CPU ones also channels_last).
-        args = (hidden_states.to(dtype).contiguous(), self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps)
+        upcast = hidden_states.to(dtype).contiguous()
+        args = (upcast, self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps)
         normalized = _GroupNormFunction.apply(*args)[0] if self.forward_ad_compatible else F.group_norm(*args)
         return normalized.to(hidden_states.dtype)
+
+
+Tangent = torch.Tensor | None
+"""A forward-mode tangent carried beside its primal by the ``*_and_tangent`` functions; ``None`` stands for zero."""
+
+
+def group_norm_and_tangent(norm: UpcastGroupNorm, hidden_states: torch.Tensor, tangent: Tangent):
+    r"""``norm(hidden_states)`` and its tangent ``weight * J tangent`` (see `_normalization_jacobian_product`),
+    written with plain differentiable operations (no custom autograd function), so that reverse mode runs through
+    the tangent and `torch.compile` traces it. Both are computed in float32 or wider and returned in the input's
+    dtype, as `UpcastGroupNorm` does."""
+    dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+    upcast = hidden_states.to(dtype).contiguous()
+    weight, bias = norm.weight.to(dtype), norm.bias.to(dtype)
+    normalized = F.group_norm(upcast, norm.num_groups, weight, bias, norm.eps).to(hidden_states.dtype)
+    if tangent is None:
+        return normalized, None
+    centered, rstd = _centered_and_rstd(upcast, norm.num_groups, norm.eps)
+    normalized_tangent = _normalization_jacobian_product(centered, rstd, tangent.to(dtype), weight)
+    return normalized, normalized_tangent.to(hidden_states.dtype)
+
+
+def silu_and_tangent(hidden_states: torch.Tensor, tangent: Tangent) -> tuple[torch.Tensor, Tangent]:
+    r"""``silu(x)`` and ``silu'(x) dx`` with ``silu'(x) = s (1 + x (1 - s))``, ``s = sigmoid(x)``."""
+    if tangent is None:
+        return F.silu(hidden_states), None
+    sigmoid = torch.sigmoid(hidden_states)
+    return F.silu(hidden_states), tangent * (sigmoid * (1 + hidden_states * (1 - sigmoid)))
+
+
+def conv_and_tangent(conv: nn.Conv2d | nn.ConvTranspose2d, hidden_states: torch.Tensor, tangent: Tangent):
+    r"""``conv(x)`` and ``conv_without_bias(dx)`` for a zero-padded `nn.Conv2d` or `nn.ConvTranspose2d` (also the
+    ``ForwardAD*`` subclasses, whose values these are)."""
+    if conv.transposed:
+
+        def apply(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            return F.conv_transpose2d(
+                x, conv.weight, bias, conv.stride, conv.padding, conv.output_padding, conv.groups, conv.dilation
+            )
+    else:
+
+        def apply(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    return apply(hidden_states, conv.bias), None if tangent is None else apply(tangent, None)
+
+
+def dropout_and_tangent(dropout: nn.Dropout, hidden_states: torch.Tensor, tangent: Tangent):
+    r"""Dropout of the primal and the same mask on the tangent."""
+    if tangent is None or not dropout.training or dropout.p == 0.0:
+        return dropout(hidden_states), tangent
+    mask = F.dropout(torch.ones_like(hidden_states), dropout.p, training=True)
+    return hidden_states * mask, tangent * mask
+
+
+def add_tangents(*tangents: Tangent) -> Tangent:
+    """The sum of the tangents that exist (``None`` when none does)."""
+    present = [tangent for tangent in tangents if tangent is not None]
+    if not present:
+        return None
+    total = present[0]
+    for tangent in present[1:]:
+        total = total + tangent
+    return total
 
 
 def check_int(name: str, value: object, minimum: int | None = None) -> None:
@@ -449,6 +514,36 @@ class ResnetBlock(nn.Module):
         shortcut = hidden_states if self.conv_shortcut is None else self.conv_shortcut(hidden_states)
         return shortcut + h
 
+    def forward_and_tangent(
+        self, hidden_states: torch.Tensor, tangent: Tangent, temb: torch.Tensor, temb_tangent: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""`forward` and its forward-mode derivative, in plain differentiable operations.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`).
+            tangent (`torch.Tensor` of the same shape, or `None` for zero): The tangent of `hidden_states`.
+            temb (`torch.Tensor` of shape `(batch_size, temb_channels)`): The gamma embedding.
+            temb_tangent (`torch.Tensor` of shape `(batch_size, temb_channels)`): Its tangent.
+
+        Returns:
+            `tuple`: The output and its tangent, both of shape `(batch_size, out_channels, height, width)`.
+        """
+        h, dh = group_norm_and_tangent(self.norm1, hidden_states, tangent)
+        h, dh = silu_and_tangent(h, dh)
+        h, dh = conv_and_tangent(self.conv1, h, dh)
+        h = h + self.cond_proj(temb)[:, :, None, None]
+        cond_tangent = F.linear(temb_tangent, self.cond_proj.weight)[:, :, None, None]
+        dh = cond_tangent.expand(h.shape) if dh is None else dh + cond_tangent
+        h, dh = group_norm_and_tangent(self.norm2, h, dh)
+        h, dh = silu_and_tangent(h, dh)
+        h, dh = dropout_and_tangent(self.dropout, h, dh)
+        h, dh = conv_and_tangent(self.conv2, h, dh)
+        if self.conv_shortcut is None:
+            shortcut, shortcut_tangent = hidden_states, tangent
+        else:
+            shortcut, shortcut_tangent = conv_and_tangent(self.conv_shortcut, hidden_states, tangent)
+        return shortcut + h, add_tangents(shortcut_tangent, dh)
+
 
 def _attention_for_forward_ad(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     r"""``softmax(q k^T / sqrt(d)) v``, written out so that forward-mode AD and reverse mode through its tangent work.
@@ -527,3 +622,51 @@ class AttentionBlock(nn.Module):
         attended = attended.transpose(1, 2).reshape(batch_size, height * width, channels)
         out = self.proj_out(attended).transpose(1, 2).reshape(batch_size, channels, height, width)
         return hidden_states + out
+
+    def forward_and_tangent(self, hidden_states: torch.Tensor, tangent: Tangent) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""`forward` (with the written-out attention of `_attention_for_forward_ad`) and its forward-mode
+        derivative, in plain differentiable operations.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch_size, channels, height, width)`).
+            tangent (`torch.Tensor` of the same shape, or `None` for zero).
+
+        Returns:
+            `tuple`: The output and its tangent (`None` when `tangent` is), of the input's shape.
+        """
+        batch_size, channels, height, width = hidden_states.shape
+        head_dim = channels // self.num_heads
+        normalized, normalized_tangent = group_norm_and_tangent(self.norm, hidden_states, tangent)
+        if normalized_tangent is None:
+            return self.forward(hidden_states), None
+
+        def split_heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch_size, height * width, self.num_heads, head_dim).transpose(1, 2)
+
+        def project(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+            tokens = normalized.flatten(2).transpose(1, 2)
+            tokens_tangent = normalized_tangent.flatten(2).transpose(1, 2)
+            return split_heads(linear(tokens)), split_heads(F.linear(tokens_tangent, linear.weight))
+
+        (query, dquery), (key, dkey), (value, dvalue) = (project(lin) for lin in (self.to_q, self.to_k, self.to_v))
+        score_dtype = torch.promote_types(query.dtype, torch.float32)
+        scale = head_dim**-0.5
+        scores = (query @ key.transpose(-2, -1)).to(score_dtype) * scale
+        scores_tangent = (dquery @ key.transpose(-2, -1) + query @ dkey.transpose(-2, -1)).to(score_dtype) * scale
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True).detach())
+        weights = weights / weights.sum(-1, keepdim=True)
+        # d softmax = P * (dS - sum_j P_j dS_j).
+        weights_tangent = weights * (scores_tangent - (weights * scores_tangent).sum(-1, keepdim=True))
+        weights, weights_tangent = weights.to(value.dtype), weights_tangent.to(value.dtype)
+        attended = weights @ value
+        attended_tangent = weights_tangent @ value + weights @ dvalue
+
+        def merge(x: torch.Tensor) -> torch.Tensor:
+            return x.transpose(1, 2).reshape(batch_size, height * width, channels)
+
+        def to_image(x: torch.Tensor) -> torch.Tensor:
+            return x.transpose(1, 2).reshape(batch_size, channels, height, width)
+
+        out = to_image(self.proj_out(merge(attended)))
+        out_tangent = to_image(F.linear(merge(attended_tangent), self.proj_out.weight))
+        return hidden_states + out, add_tangents(tangent, out_tangent)
