@@ -15,7 +15,8 @@ Options a variant combines (``+`` in its name):
 - ``tf32``: TF32 for fp32 matrix products and convolutions (``torch.backends.*.allow_tf32``);
 - ``ckpt``: ``enable_gradient_checkpointing()`` of every network that supports it;
 - ``fusedadam``: ``AdamW(fused=True)``;
-- ``cunet``: ``unet.compile()``; ``cenc``: ``encoder.compile()``; ``cobj``: ``torch.compile`` of the objective;
+- ``cunet``: ``unet.compile()``; ``cenc``: ``torch.compile`` of ``encoder.forward_and_tangent`` (its whole
+  forward-mode pass; ``encoder.compile()`` where there is none); ``cobj``: ``torch.compile`` of the objective;
 - ``tangent=NAME``: the encoder's forward-mode derivative implementation, where the library offers a choice
   (``DiffEncEncoderModel.set_tangent_mode``); the variant is recorded as unsupported otherwise.
 
@@ -204,7 +205,12 @@ def apply_network_options(spec: Spec, unet: torch.nn.Module, encoder: torch.nn.M
     if "cenc" in spec.options:
         if encoder is None:
             raise Unsupported("cenc: this kind has no encoder")
-        encoder.compile()
+        # The objective calls the encoder with a forward-mode dual gamma; in tangent mode "explicit" that goes to
+        # `forward_and_tangent`, which is what can be compiled (the dual-tensor wrapper stays eager).
+        if hasattr(encoder, "forward_and_tangent"):
+            encoder.forward_and_tangent = torch.compile(encoder.forward_and_tangent)
+        else:
+            encoder.compile()
 
 
 def uint8_batch(batch: int, size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
