@@ -7,6 +7,7 @@ bits/dim comparison and the identical work of DiffEnc and VDM sampling).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -63,3 +64,48 @@ def test_likelihood_benchmark_reports_throughput(smoke_results):
     assert likelihood["num_images"] == 4
     assert {row["kind"] for row in likelihood["rows"]} == {"none", "nontrainable", "trainable"}
     assert all(row["images_per_second"] > 0 for row in likelihood["rows"])
+
+
+def run_gpu_explore(out: Path, *extra: str) -> dict:
+    result = subprocess.run(
+        ["python", str(REPO_ROOT / "benchmarks" / "gpu_explore.py"), "--out-dir", str(out), "--dry-run", *extra],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((out / "gpu_explore.json").read_text())
+
+
+def test_gpu_explore_dry_run_measures_every_variant(tmp_path):
+    payload = run_gpu_explore(tmp_path)
+    records = {record["variant"]: record for record in payload["records"]}
+    assert (tmp_path / "gpu_explore.md").read_text().count("\n") == len(records) + 2
+    assert payload["bf16_matmul_tflops"] > 0
+    assert set(payload["flops_per_step"]) == {"vdm", "trainable", "forward"}
+    # The encoder adds FLOPs to the step (its three evaluations, the tangent and their backward).
+    assert payload["flops_per_step"]["trainable"] > payload["flops_per_step"]["vdm"]
+    measured = [name for name, record in records.items() if record["status"] == "ok"]
+    assert {"vdm/bf16", "trainable/bf16", "vdm/fp32+tf32", "trainable/bf16+ckpt", "forward/bf16w", "step/bf16w"} <= set(
+        measured
+    )
+    for name in measured:
+        record = records[name]
+        assert record["ms"] > 0 and record["images_per_s"] > 0 and record["peak_fraction"] > 0
+        if "/" in name and name.split("/")[0] in ("vdm", "trainable"):
+            assert math.isfinite(record["loss"])
+        if name.startswith("step/"):
+            assert record["sampling_1000_steps_s"] == pytest.approx(record["ms"])
+    # Same weights, batch and draws: the layout does not change the first step's loss beyond rounding.
+    assert records["vdm/bf16+cl"]["loss"] == pytest.approx(records["vdm/bf16"]["loss"], rel=1e-2)
+    assert records["vdm/fp32"]["loss"] == pytest.approx(records["vdm/fp32+tf32"]["loss"], rel=1e-5)
+    for name, record in records.items():
+        assert record["status"] == "ok" or record["status"].startswith(("skipped: dry run", "unsupported")), name
+
+
+def test_gpu_explore_records_a_timeout_and_goes_on(tmp_path):
+    payload = run_gpu_explore(
+        tmp_path, "--variants", "vdm/fp32", "forward/autocast", "--variant-seconds", "0.0001"
+    )
+    assert [record["status"][:8] for record in payload["records"]] == ["timeout:", "timeout:"]

@@ -289,6 +289,93 @@ class ForwardADConvTranspose2d(_ForwardADConvolution, nn.ConvTranspose2d):
     """
 
 
+def _group_norm_silu_reference(
+    hidden_states: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``silu(group_norm(x))`` as `UpcastGroupNorm` followed by `F.silu` computes it: the normalisation in float32 or
+    wider, rounded to the input's dtype, then SiLU."""
+    dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+    upcast = hidden_states.to(dtype).contiguous()
+    normalized = F.group_norm(upcast, num_groups, weight.to(dtype), bias.to(dtype), eps)
+    return F.silu(normalized.to(hidden_states.dtype))
+
+
+class _GroupNormSiLUFunction(torch.autograd.Function):
+    r"""
+    ``silu(group_norm(x))``, with the values and gradients of `_group_norm_silu_reference`, holding only ``x`` and the
+    per-group statistics for the backward pass.
+
+    Autograd through the reference keeps three full-size tensors per call: the float32 copy of ``x`` that the
+    normalisation saves, and the normalised values that SiLU saves (besides the output, which the next convolution
+    keeps anyway). Here the backward pass recomputes the normalised values from ``x`` with the same kernel, so the
+    forward values and the gradients are bit for bit those of the reference, and a block holds about half the
+    activation memory under bf16 autocast. A backward that must itself be differentiable (``create_graph=True``)
+    differentiates the reference instead.
+    """
+
+    @staticmethod
+    def forward(
+        hidden_states: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        normalized, mean, rstd = _GroupNormSiLUFunction._normalize(hidden_states, num_groups, weight, bias, eps)
+        return F.silu(normalized), mean, rstd
+
+    @staticmethod
+    def _normalize(
+        hidden_states: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The normalised values in the input's dtype, and the float32 (or wider) mean and rstd per group."""
+        dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+        upcast = hidden_states.to(dtype).contiguous()
+        batch_size, channels = upcast.shape[:2]
+        normalized, mean, rstd = torch.native_group_norm(
+            upcast, weight.to(dtype), bias.to(dtype), batch_size, channels, math.prod(upcast.shape[2:]),
+            num_groups, eps,
+        )
+        return normalized.to(hidden_states.dtype), mean, rstd
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple) -> None:
+        hidden_states, num_groups, weight, bias, eps = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(hidden_states, weight, bias, mean, rstd)
+        ctx.set_materialize_grads(False)
+        ctx.num_groups = num_groups
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(
+        ctx: FunctionCtx, grad_output: torch.Tensor | None, _grad_mean: None, _grad_rstd: None
+    ) -> tuple[torch.Tensor | None, None, torch.Tensor | None, torch.Tensor | None, None]:
+        if grad_output is None:
+            return None, None, None, None, None
+        hidden_states, weight, bias, mean, rstd = ctx.saved_tensors
+        needed = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
+        if torch.is_grad_enabled():
+            inputs = [tensor for tensor, need in zip((hidden_states, weight, bias), needed, strict=True) if need]
+            output = _group_norm_silu_reference(hidden_states, ctx.num_groups, weight, bias, ctx.eps)
+            grads = iter(torch.autograd.grad(output, inputs, grad_output, create_graph=True))
+            grad_input, grad_weight, grad_bias = (next(grads) if need else None for need in needed)
+            return grad_input, None, grad_weight, grad_bias, None
+        normalized, _, _ = _GroupNormSiLUFunction._normalize(hidden_states, ctx.num_groups, weight, bias, ctx.eps)
+        dtype = mean.dtype
+        grad_normalized = torch.ops.aten.silu_backward(grad_output, normalized).to(dtype).contiguous()
+        upcast = hidden_states.to(dtype).contiguous()
+        batch_size, channels = upcast.shape[:2]
+        grad_input, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
+            grad_normalized, upcast, mean, rstd, weight.to(dtype), batch_size, channels,
+            math.prod(upcast.shape[2:]), ctx.num_groups, needed,
+        )
+        return (
+            None if grad_input is None else grad_input.to(hidden_states.dtype),
+            None,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+        )
+
+
 class UpcastGroupNorm(nn.GroupNorm):
     r"""
     `nn.GroupNorm` evaluated in float32 or wider and returned in the input's dtype (epsilon 1e-6 by default).
@@ -325,9 +412,91 @@ class UpcastGroupNorm(nn.GroupNorm):
             `torch.Tensor`: Same shape and dtype as `hidden_states`.
         """
         dtype = torch.promote_types(hidden_states.dtype, torch.float32)
-        args = (hidden_states.to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps)
+        # CUDA's group-norm kernels take only the plain contiguous layout (the CPU ones also channels_last).
+        upcast = hidden_states.to(dtype).contiguous()
+        args = (upcast, self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps)
         normalized = _GroupNormFunction.apply(*args)[0] if self.forward_ad_compatible else F.group_norm(*args)
         return normalized.to(hidden_states.dtype)
+
+    def forward_silu(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        r"""
+        ``silu(self(hidden_states))``. When gradients are recorded, outside forward-mode AD, it runs through a
+        function that keeps only the input and the group statistics for the backward pass and recomputes the rest
+        there (same values and gradients, bit for bit; about half the activation memory of a ResNet block).
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch_size, num_channels, ...)`).
+
+        Returns:
+            `torch.Tensor`: Same shape and dtype as `hidden_states`.
+        """
+        if self.forward_ad_compatible or not torch.is_grad_enabled():
+            return F.silu(self(hidden_states))
+        return _GroupNormSiLUFunction.apply(hidden_states, self.num_groups, self.weight, self.bias, self.eps)[0]
+
+
+Tangent = torch.Tensor | None
+"""A forward-mode tangent carried beside its primal by the ``*_and_tangent`` functions; ``None`` stands for zero."""
+
+
+def group_norm_and_tangent(norm: UpcastGroupNorm, hidden_states: torch.Tensor, tangent: Tangent):
+    r"""``norm(hidden_states)`` and its tangent ``weight * J tangent`` (see `_normalization_jacobian_product`),
+    written with plain differentiable operations (no custom autograd function), so that reverse mode runs through
+    the tangent and `torch.compile` traces it. Both are computed in float32 or wider and returned in the input's
+    dtype, as `UpcastGroupNorm` does."""
+    dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+    upcast = hidden_states.to(dtype).contiguous()
+    weight, bias = norm.weight.to(dtype), norm.bias.to(dtype)
+    normalized = F.group_norm(upcast, norm.num_groups, weight, bias, norm.eps).to(hidden_states.dtype)
+    if tangent is None:
+        return normalized, None
+    centered, rstd = _centered_and_rstd(upcast, norm.num_groups, norm.eps)
+    normalized_tangent = _normalization_jacobian_product(centered, rstd, tangent.to(dtype), weight)
+    return normalized, normalized_tangent.to(hidden_states.dtype)
+
+
+def silu_and_tangent(hidden_states: torch.Tensor, tangent: Tangent) -> tuple[torch.Tensor, Tangent]:
+    r"""``silu(x)`` and ``silu'(x) dx`` with ``silu'(x) = s (1 + x (1 - s))``, ``s = sigmoid(x)``."""
+    if tangent is None:
+        return F.silu(hidden_states), None
+    sigmoid = torch.sigmoid(hidden_states)
+    return F.silu(hidden_states), tangent * (sigmoid * (1 + hidden_states * (1 - sigmoid)))
+
+
+def conv_and_tangent(conv: nn.Conv2d | nn.ConvTranspose2d, hidden_states: torch.Tensor, tangent: Tangent):
+    r"""``conv(x)`` and ``conv_without_bias(dx)`` for a zero-padded `nn.Conv2d` or `nn.ConvTranspose2d` (also the
+    ``ForwardAD*`` subclasses, whose values these are)."""
+    if conv.transposed:
+
+        def apply(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            return F.conv_transpose2d(
+                x, conv.weight, bias, conv.stride, conv.padding, conv.output_padding, conv.groups, conv.dilation
+            )
+    else:
+
+        def apply(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    return apply(hidden_states, conv.bias), None if tangent is None else apply(tangent, None)
+
+
+def dropout_and_tangent(dropout: nn.Dropout, hidden_states: torch.Tensor, tangent: Tangent):
+    r"""Dropout of the primal and the same mask on the tangent."""
+    if tangent is None or not dropout.training or dropout.p == 0.0:
+        return dropout(hidden_states), tangent
+    mask = F.dropout(torch.ones_like(hidden_states), dropout.p, training=True)
+    return hidden_states * mask, tangent * mask
+
+
+def add_tangents(*tangents: Tangent) -> Tangent:
+    """The sum of the tangents that exist (``None`` when none does)."""
+    present = [tangent for tangent in tangents if tangent is not None]
+    if not present:
+        return None
+    total = present[0]
+    for tangent in present[1:]:
+        total = total + tangent
+    return total
 
 
 def check_int(name: str, value: object, minimum: int | None = None) -> None:
@@ -442,11 +611,41 @@ class ResnetBlock(nn.Module):
         Returns:
             `torch.Tensor` of shape `(batch_size, out_channels, height, width)`.
         """
-        h = self.conv1(F.silu(self.norm1(hidden_states)))
+        h = self.conv1(self.norm1.forward_silu(hidden_states))
         h = h + self.cond_proj(temb)[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(self.norm2.forward_silu(h)))
         shortcut = hidden_states if self.conv_shortcut is None else self.conv_shortcut(hidden_states)
         return shortcut + h
+
+    def forward_and_tangent(
+        self, hidden_states: torch.Tensor, tangent: Tangent, temb: torch.Tensor, temb_tangent: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""`forward` and its forward-mode derivative, in plain differentiable operations.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`).
+            tangent (`torch.Tensor` of the same shape, or `None` for zero): The tangent of `hidden_states`.
+            temb (`torch.Tensor` of shape `(batch_size, temb_channels)`): The gamma embedding.
+            temb_tangent (`torch.Tensor` of shape `(batch_size, temb_channels)`): Its tangent.
+
+        Returns:
+            `tuple`: The output and its tangent, both of shape `(batch_size, out_channels, height, width)`.
+        """
+        h, dh = group_norm_and_tangent(self.norm1, hidden_states, tangent)
+        h, dh = silu_and_tangent(h, dh)
+        h, dh = conv_and_tangent(self.conv1, h, dh)
+        h = h + self.cond_proj(temb)[:, :, None, None]
+        cond_tangent = F.linear(temb_tangent, self.cond_proj.weight)[:, :, None, None]
+        dh = cond_tangent.expand(h.shape) if dh is None else dh + cond_tangent
+        h, dh = group_norm_and_tangent(self.norm2, h, dh)
+        h, dh = silu_and_tangent(h, dh)
+        h, dh = dropout_and_tangent(self.dropout, h, dh)
+        h, dh = conv_and_tangent(self.conv2, h, dh)
+        if self.conv_shortcut is None:
+            shortcut, shortcut_tangent = hidden_states, tangent
+        else:
+            shortcut, shortcut_tangent = conv_and_tangent(self.conv_shortcut, hidden_states, tangent)
+        return shortcut + h, add_tangents(shortcut_tangent, dh)
 
 
 def _attention_for_forward_ad(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -526,3 +725,51 @@ class AttentionBlock(nn.Module):
         attended = attended.transpose(1, 2).reshape(batch_size, height * width, channels)
         out = self.proj_out(attended).transpose(1, 2).reshape(batch_size, channels, height, width)
         return hidden_states + out
+
+    def forward_and_tangent(self, hidden_states: torch.Tensor, tangent: Tangent) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""`forward` (with the written-out attention of `_attention_for_forward_ad`) and its forward-mode
+        derivative, in plain differentiable operations.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch_size, channels, height, width)`).
+            tangent (`torch.Tensor` of the same shape, or `None` for zero).
+
+        Returns:
+            `tuple`: The output and its tangent (`None` when `tangent` is), of the input's shape.
+        """
+        batch_size, channels, height, width = hidden_states.shape
+        head_dim = channels // self.num_heads
+        normalized, normalized_tangent = group_norm_and_tangent(self.norm, hidden_states, tangent)
+        if normalized_tangent is None:
+            return self.forward(hidden_states), None
+
+        def split_heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch_size, height * width, self.num_heads, head_dim).transpose(1, 2)
+
+        def project(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+            tokens = normalized.flatten(2).transpose(1, 2)
+            tokens_tangent = normalized_tangent.flatten(2).transpose(1, 2)
+            return split_heads(linear(tokens)), split_heads(F.linear(tokens_tangent, linear.weight))
+
+        (query, dquery), (key, dkey), (value, dvalue) = (project(lin) for lin in (self.to_q, self.to_k, self.to_v))
+        score_dtype = torch.promote_types(query.dtype, torch.float32)
+        scale = head_dim**-0.5
+        scores = (query @ key.transpose(-2, -1)).to(score_dtype) * scale
+        scores_tangent = (dquery @ key.transpose(-2, -1) + query @ dkey.transpose(-2, -1)).to(score_dtype) * scale
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True).detach())
+        weights = weights / weights.sum(-1, keepdim=True)
+        # d softmax = P * (dS - sum_j P_j dS_j).
+        weights_tangent = weights * (scores_tangent - (weights * scores_tangent).sum(-1, keepdim=True))
+        weights, weights_tangent = weights.to(value.dtype), weights_tangent.to(value.dtype)
+        attended = weights @ value
+        attended_tangent = weights_tangent @ value + weights @ dvalue
+
+        def merge(x: torch.Tensor) -> torch.Tensor:
+            return x.transpose(1, 2).reshape(batch_size, height * width, channels)
+
+        def to_image(x: torch.Tensor) -> torch.Tensor:
+            return x.transpose(1, 2).reshape(batch_size, channels, height, width)
+
+        out = to_image(self.proj_out(merge(attended)))
+        out_tangent = to_image(F.linear(merge(attended_tangent), self.proj_out.weight))
+        return hidden_states + out, add_tangents(tangent, out_tangent)

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .blocks import silu_and_tangent
+
 GAMMA_EMBEDDING_SCALE = 1000.0
 """Factor applied to the normalised gamma ``t`` in ``[0, 1]`` before the sinusoidal embedding (as in VDM)."""
 
@@ -100,14 +102,18 @@ def sinusoidal_embedding(timesteps: torch.Tensor, embedding_dim: int) -> torch.T
         raise ValueError(f"`embedding_dim` must be an int >= 4; got {embedding_dim}.")
     if timesteps.ndim != 1:
         raise ValueError(f"`timesteps` must have shape (batch_size,); got shape {tuple(timesteps.shape)}.")
-    half_dim = embedding_dim // 2
-    exponent = torch.arange(half_dim, dtype=timesteps.dtype, device=timesteps.device)
-    frequencies = torch.exp(exponent * (-math.log(10000.0) / (half_dim - 1)))
-    arguments = timesteps[:, None] * frequencies[None, :]
+    arguments = timesteps[:, None] * sinusoidal_frequencies(embedding_dim, timesteps)[None, :]
     embedding = torch.cat([torch.sin(arguments), torch.cos(arguments)], dim=1)
     if embedding_dim % 2 == 1:
         embedding = F.pad(embedding, (0, 1))
     return embedding
+
+
+def sinusoidal_frequencies(embedding_dim: int, like: torch.Tensor) -> torch.Tensor:
+    """The ``embedding_dim // 2`` frequencies of `sinusoidal_embedding`, in the dtype and on the device of `like`."""
+    half_dim = embedding_dim // 2
+    exponent = torch.arange(half_dim, dtype=like.dtype, device=like.device)
+    return torch.exp(exponent * (-math.log(10000.0) / (half_dim - 1)))
 
 
 def base2_fourier_features(sample: torch.Tensor, exponents: Sequence[int]) -> torch.Tensor:
@@ -171,3 +177,30 @@ class GammaEmbedding(nn.Module):
         embedding = sinusoidal_embedding(t * GAMMA_EMBEDDING_SCALE, self.embedding_dim)
         embedding = embedding.to(self.linear_1.weight.dtype)
         return F.silu(self.linear_2(F.silu(self.linear_1(embedding))))
+
+    def forward_and_tangent(
+        self, gamma: torch.Tensor, gamma_tangent: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""`forward` and its derivative along `gamma_tangent`, in plain differentiable operations.
+
+        Args:
+            gamma (`torch.Tensor` of shape `(batch_size,)`): float32 or wider.
+            gamma_tangent (`torch.Tensor` of shape `(batch_size,)`): The tangent of `gamma` (ones for d/dgamma).
+
+        Returns:
+            `tuple`: The embedding and its tangent, both of shape `(batch_size, 4 * embedding_dim)` in the dtype of
+            the module's weights.
+        """
+        scale = GAMMA_EMBEDDING_SCALE / (self.gamma_max - self.gamma_min)
+        t = normalize_gamma(gamma, self.gamma_min, self.gamma_max)
+        embedding = sinusoidal_embedding(t * GAMMA_EMBEDDING_SCALE, self.embedding_dim)
+        frequencies = sinusoidal_frequencies(self.embedding_dim, embedding)
+        arguments = (t * GAMMA_EMBEDDING_SCALE)[:, None] * frequencies[None, :]
+        arguments_tangent = (gamma_tangent.to(embedding.dtype) * scale)[:, None] * frequencies[None, :]
+        tangent = torch.cat([torch.cos(arguments) * arguments_tangent, -torch.sin(arguments) * arguments_tangent], 1)
+        tangent = F.pad(tangent, (0, embedding.shape[1] - tangent.shape[1]))
+        dtype = self.linear_1.weight.dtype
+        hidden, tangent = embedding.to(dtype), tangent.to(dtype)
+        for linear in (self.linear_1, self.linear_2):
+            hidden, tangent = silu_and_tangent(linear(hidden), F.linear(tangent, linear.weight))
+        return hidden, tangent

@@ -1,5 +1,6 @@
 """The DiffEnc encoder network ``y_phi(x, gamma)`` (the ``unet_mult_res`` encoder of bemigini/DiffEnc)."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -7,6 +8,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
+from torch.autograd import forward_ad
 from torch.nn import functional as F
 
 from .blocks import (
@@ -14,15 +16,22 @@ from .blocks import (
     ForwardADConv2d,
     ForwardADConvTranspose2d,
     ResnetBlock,
+    Tangent,
     UpcastGroupNorm,
     check_dropout,
     check_gamma_range,
     check_group_divisible,
     check_int,
     check_sample,
+    conv_and_tangent,
+    group_norm_and_tangent,
+    silu_and_tangent,
 )
 from .class_embedding import ClassEmbedding, add_class_embedding, check_class_config
 from .embeddings import GammaEmbedding, prepare_gamma
+
+TANGENT_MODES = ("explicit", "autograd")
+"""How the encoder computes dy/dgamma under forward-mode AD (see `DiffEncEncoderModel.set_tangent_mode`)."""
 
 DEFAULT_BLOCK_OUT_CHANNELS = [64, 128]
 """`block_out_channels` of the paper's DiffEnc-32-4 CIFAR-10 encoder, used when none are given."""
@@ -39,6 +48,21 @@ class DiffEncEncoderOutput(BaseOutput):
     """
 
     sample: torch.Tensor
+
+
+def _max_pool_and_tangent(hidden_states: torch.Tensor, tangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2x2 max-pool, and the tangent taken at each window's maximum (the element the pool selects)."""
+    pooled, indices = F.max_pool2d(hidden_states, kernel_size=2, return_indices=True)
+    pooled_tangent = tangent.flatten(2).gather(2, indices.flatten(2)).view(pooled.shape)
+    return pooled, pooled_tangent
+
+
+def _checkpointed(owner: nn.Module, function: Callable, *args: object) -> object:
+    """``function(*args)``, through the owner's gradient-checkpointing function when its checkpointing is on (set
+    by [`~DiffEncEncoderModel.enable_gradient_checkpointing`]) and gradients are being recorded."""
+    if torch.is_grad_enabled() and owner.gradient_checkpointing:
+        return owner._gradient_checkpointing_func(function, *args)
+    return function(*args)
 
 
 class EncoderDownBlock(nn.Module):
@@ -77,6 +101,7 @@ class EncoderDownBlock(nn.Module):
                 for index in range(num_layers)
             ]
         )
+        self.gradient_checkpointing = False
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""
@@ -89,8 +114,22 @@ class EncoderDownBlock(nn.Module):
             skip connection before pooling, shape `(batch_size, out_channels, height, width)`.
         """
         for resnet in self.resnets:
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states = _checkpointed(self, resnet, hidden_states, temb)
         return F.max_pool2d(hidden_states, kernel_size=2), hidden_states
+
+    def forward_and_tangent(
+        self, hidden_states: torch.Tensor, tangent: Tangent, temb: torch.Tensor, temb_tangent: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        r"""`forward` and its forward-mode derivative (see [`ResnetBlock.forward_and_tangent`]).
+
+        Returns:
+            `tuple`: (pooled output, its tangent) and (skip connection, its tangent).
+        """
+        for resnet in self.resnets:
+            hidden_states, tangent = _checkpointed(
+                self, resnet.forward_and_tangent, hidden_states, tangent, temb, temb_tangent
+            )
+        return _max_pool_and_tangent(hidden_states, tangent), (hidden_states, tangent)
 
 
 class EncoderUpBlock(nn.Module):
@@ -131,6 +170,7 @@ class EncoderUpBlock(nn.Module):
                 for index in range(num_layers)
             ]
         )
+        self.gradient_checkpointing = False
 
     def forward(self, hidden_states: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         r"""
@@ -144,8 +184,27 @@ class EncoderUpBlock(nn.Module):
         """
         hidden_states = torch.cat([self.upsample(hidden_states), skip], dim=1)
         for resnet in self.resnets:
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states = _checkpointed(self, resnet, hidden_states, temb)
         return hidden_states
+
+    def forward_and_tangent(
+        self,
+        hidden_states: torch.Tensor,
+        tangent: torch.Tensor,
+        skip: tuple[torch.Tensor, torch.Tensor],
+        temb: torch.Tensor,
+        temb_tangent: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""`forward` and its forward-mode derivative (see [`ResnetBlock.forward_and_tangent`]); `skip` is the
+        skip connection and its tangent."""
+        upsampled, upsampled_tangent = conv_and_tangent(self.upsample, hidden_states, tangent)
+        hidden_states = torch.cat([upsampled, skip[0]], dim=1)
+        tangent = torch.cat([upsampled_tangent, skip[1]], dim=1)
+        for resnet in self.resnets:
+            hidden_states, tangent = _checkpointed(
+                self, resnet.forward_and_tangent, hidden_states, tangent, temb, temb_tangent
+            )
+        return hidden_states, tangent
 
 
 class DiffEncEncoderModel(ModelMixin, ConfigMixin):
@@ -201,6 +260,8 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
             defaults to `norm_num_groups` (the official ``unet`` encoder uses `num_groups_groupnorm` there, the
             ``unet_mult_res`` one 32).
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -297,6 +358,29 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
         self.class_embedding = (
             ClassEmbedding(num_class_embeds, temb_channels, null_class) if num_class_embeds is not None else None
         )
+        self.gradient_checkpointing = False
+        self.tangent_mode = "explicit"
+
+    def set_tangent_mode(self, mode: str) -> None:
+        r"""
+        Choose how `forward` computes ``dy / dgamma`` when `gamma` carries a tangent of `torch.autograd.forward_ad`
+        (how [`DiffEncObjective`] calls it). Either way the values and all derivatives are the same (up to
+        rounding).
+
+        - `"explicit"` (default): [`~DiffEncEncoderModel.forward_and_tangent`], which computes the output and its
+          tangent with plain operations, so that reverse mode runs through both, `torch.compile` traces it and
+          gradient checkpointing applies. Used only when gamma alone carries the tangent; a tangent on `sample` or
+          on a parameter falls back to `"autograd"`.
+        - `"autograd"`: PyTorch's forward-mode AD through the network, with the hand-written rules of the
+          GroupNorms and convolutions (`torch.compile` breaks the graph at each of them; gradient checkpointing is
+          not applied to a forward-mode pass).
+
+        Args:
+            mode (`str`): `"explicit"` or `"autograd"`.
+        """
+        if mode not in TANGENT_MODES:
+            raise ValueError(f"`mode` must be one of {list(TANGENT_MODES)}; got {mode!r}.")
+        self.tangent_mode = mode
 
     @property
     def downsample_factor(self) -> int:
@@ -332,13 +416,13 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
             ValueError: If `sample` is not 4-D with `in_channels` channels and height and width divisible by
                 the downsample factor, or `gamma` has the wrong shape.
         """
-        check_sample(sample, self.config.in_channels)
-        factor = self.downsample_factor
-        if sample.shape[2] % factor != 0 or sample.shape[3] % factor != 0:
-            raise ValueError(
-                f"`sample` height and width must be divisible by {factor} (2**len(block_out_channels), the "
-                f"encoder's pooling factor); got shape {tuple(sample.shape)}."
-            )
+        self._check_sample(sample)
+        gamma_tangent = self._explicit_gamma_tangent(sample, gamma)
+        if gamma_tangent is not None:
+            y, dy = self.forward_and_tangent(sample, forward_ad.unpack_dual(gamma).primal, gamma_tangent, class_labels)
+            y = forward_ad.make_dual(y, dy)
+            return DiffEncEncoderOutput(sample=y) if return_dict else (y,)
+
         gamma = prepare_gamma(gamma, sample.shape[0], sample.device, sample.dtype)
         temb = add_class_embedding(self.class_embedding, self.time_embedding(gamma), class_labels)
 
@@ -348,9 +432,9 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
             h, skip = down_block(h, temb)
             skips.append(skip)
 
-        h = self.mid_block_1(h, temb)
-        h = self.mid_attention(h)
-        h = self.mid_block_2(h, temb)
+        h = _checkpointed(self, self.mid_block_1, h, temb)
+        h = _checkpointed(self, self.mid_attention, h)
+        h = _checkpointed(self, self.mid_block_2, h, temb)
 
         for up_block in self.up_blocks:
             h = up_block(h, skips.pop(), temb)
@@ -359,3 +443,73 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
         if not return_dict:
             return (y,)
         return DiffEncEncoderOutput(sample=y)
+
+    def forward_and_tangent(
+        self,
+        sample: torch.Tensor,
+        gamma: torch.Tensor | float,
+        gamma_tangent: torch.Tensor | float = 1.0,
+        class_labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""
+        ``y = y_phi(x, gamma)`` and its directional derivative ``(dy / dgamma) * gamma_tangent``, computed together
+        with plain differentiable operations: reverse mode runs through both (how the objective trains through
+        ``dy / dgamma``), `torch.compile` traces it, and gradient checkpointing applies. The values are those of
+        `forward` and of forward-mode AD through it.
+
+        Args:
+            sample (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`): As in `forward`.
+            gamma (`torch.Tensor` of shape `(batch_size,)` or `()`, or `float`): As in `forward`.
+            gamma_tangent (`torch.Tensor` of shape `(batch_size,)` or `()`, or `float`, defaults to 1.0): The
+                tangent of gamma; 1 gives ``dy / dgamma``.
+            class_labels (`torch.Tensor` of shape `(batch_size,)` or `()`, *optional*): As in `forward`.
+
+        Returns:
+            `tuple`: ``y`` and its tangent, both of the shape of `sample` (the tangent in y's dtype).
+        """
+        self._check_sample(sample)
+        batch_size = sample.shape[0]
+        gamma = prepare_gamma(gamma, batch_size, sample.device, sample.dtype)
+        gamma_tangent = prepare_gamma(gamma_tangent, batch_size, sample.device, gamma.dtype)
+        temb, temb_tangent = self.time_embedding.forward_and_tangent(gamma, gamma_tangent)
+        temb = add_class_embedding(self.class_embedding, temb, class_labels)
+
+        h, dh = self.conv_in(sample), None
+        skips = []
+        for down_block in self.down_blocks:
+            (h, dh), skip = down_block.forward_and_tangent(h, dh, temb, temb_tangent)
+            skips.append(skip)
+
+        h, dh = _checkpointed(self, self.mid_block_1.forward_and_tangent, h, dh, temb, temb_tangent)
+        h, dh = _checkpointed(self, self.mid_attention.forward_and_tangent, h, dh)
+        h, dh = _checkpointed(self, self.mid_block_2.forward_and_tangent, h, dh, temb, temb_tangent)
+
+        for up_block in self.up_blocks:
+            h, dh = up_block.forward_and_tangent(h, dh, skips.pop(), temb, temb_tangent)
+
+        h, dh = group_norm_and_tangent(self.norm_out, h, dh)
+        h, dh = conv_and_tangent(self.conv_out, *silu_and_tangent(h, dh))
+        y = torch.tanh(h)
+        return y, (1 - y.square()) * dh
+
+    def _check_sample(self, sample: torch.Tensor) -> None:
+        check_sample(sample, self.config.in_channels)
+        factor = self.downsample_factor
+        if sample.shape[2] % factor != 0 or sample.shape[3] % factor != 0:
+            raise ValueError(
+                f"`sample` height and width must be divisible by {factor} (2**len(block_out_channels), the "
+                f"encoder's pooling factor); got shape {tuple(sample.shape)}."
+            )
+
+    def _explicit_gamma_tangent(self, sample: torch.Tensor, gamma: torch.Tensor | float) -> torch.Tensor | None:
+        """The tangent of `gamma` under `torch.autograd.forward_ad` when `forward` should compute its derivative
+        with `forward_and_tangent`: tangent mode "explicit", and no other input or parameter has a tangent."""
+        if self.tangent_mode != "explicit" or not isinstance(gamma, torch.Tensor):
+            return None
+        tangent = forward_ad.unpack_dual(gamma).tangent
+        if tangent is None:
+            return None
+        others = (sample, *self.parameters())
+        if any(forward_ad.unpack_dual(tensor).tangent is not None for tensor in others):
+            return None
+        return tangent

@@ -7,7 +7,6 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
-from torch.nn import functional as F
 
 from .blocks import (
     AttentionBlock,
@@ -219,7 +218,7 @@ class VDMUNetModel(ModelMixin, ConfigMixin):
             if self.up_attentions is not None:
                 h = self._run(self.up_attentions[index], h)
 
-        prediction = self.conv_out(F.silu(self.norm_out(h))) + sample
+        prediction = self.conv_out(self.norm_out.forward_silu(h)) + sample
         if not return_dict:
             return (prediction,)
         return VDMUNetOutput(sample=prediction)
