@@ -55,11 +55,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffenc_diffusers import DiffEncEncoderModel, DiffEncObjective, DiffEncPipeline, VDMScheduler, VDMUNetModel
+from diffenc_diffusers.presets import resolve_preset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIRS = {
-    "vdm": REPO_ROOT / "pipelines" / "cifar10-vdmv-32",
-    "trainable": REPO_ROOT / "pipelines" / "cifar10-diffenc-32-4",
+    "vdm": resolve_preset("cifar10-vdmv-32"),
+    "trainable": resolve_preset("cifar10-diffenc-32-4"),
 }
 """Model kind -> the preset folder its networks and scheduler come from."""
 
