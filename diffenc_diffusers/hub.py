@@ -37,12 +37,6 @@ MODEL_CARD_TAGS = ["diffenc", "vdm", "diffusion", "likelihood", "unconditional-i
 CLASS_CONDITIONAL_TAG = "class-conditional"
 """The tag of a class-conditional model's card, which replaces "unconditional-image-generation"."""
 
-_ENCODER_DESCRIPTIONS = {
-    "none": "a Variational Diffusion Model (VDM, Kingma et al. 2021; no encoder)",
-    "nontrainable": "a DiffEnc model with the non-trainable encoder x_phi(x, t) = alpha_t^2 x",
-    "trainable": "a DiffEnc model with a trainable encoder x_phi(x, t) = alpha_t^2 x + sigma_t^2 y_phi(x, t)",
-}
-
 
 def read_model_index(folder: str | os.PathLike) -> dict[str, Any]:
     """The parsed `model_index.json` of a pipeline folder; a clear error if it is missing or not JSON."""
@@ -182,7 +176,7 @@ def make_model_card(
         f"{sum(p.numel() for p in pipeline.encoder.parameters()):,}" if pipeline.encoder is not None else "none"
     )
     model_rows = [
-        ("model", _ENCODER_DESCRIPTIONS[scheduler.encoder_type]),
+        ("model", pipeline.scheduler.forward_process.description),
         ("images", f"{unet.in_channels} x {height} x {width}, 8 bit"),
         ("denoiser parameters", f"{sum(p.numel() for p in pipeline.unet.parameters()):,}"),
         ("encoder parameters", encoder_parameters),
@@ -251,7 +245,7 @@ def make_model_card(
                 "\n\n`guidance_scale` s samples with out(null) + s (out(c) - out(null)); s = 1 is the conditional "
                 "model (one network call per step)."
             )
-    if scheduler.encoder_type == "trainable":
+    if pipeline.scheduler.forward_process.needs_encoder:
         usage += "\n\nSampling never uses the encoder; `bits_per_dim` needs it."
     content = "\n".join(
         [
@@ -262,7 +256,7 @@ def make_model_card(
             f"# {repo_id.split('/')[-1]}",
             "",
             f"{'An unconditional' if num_classes is None else f'A class-conditional ({num_classes} classes)'} "
-            f"image model: {_ENCODER_DESCRIPTIONS[scheduler.encoder_type]}, made with "
+            f"image model: {pipeline.scheduler.forward_process.description}, made with "
             "diffenc-diffusers, a diffusers implementation of [DiffEnc: Variational Diffusion with a Learned "
             "Encoder](https://arxiv.org/abs/2310.19789) (Nielsen et al., ICLR 2024).",
             "",
