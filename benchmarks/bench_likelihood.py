@@ -35,6 +35,7 @@ from common import (
 )
 
 from diffenc_diffusers import DiffEncPipeline, VDMScheduler
+from diffenc_diffusers.forward_processes import forward_process
 
 KINDS = {"none": "VDM", "nontrainable": "DiffEnc non-trainable", "trainable": "DiffEnc trainable"}
 """Scheduler `encoder_type` -> label."""
@@ -45,7 +46,7 @@ def likelihood_function(
 ) -> Callable[[], object]:
     """``pipe.bits_per_dim`` over ``images`` for one model kind."""
     preset = PRESETS[args.preset]
-    encoder = build_encoder(preset, args.seed + 1) if kind == "trainable" else None
+    encoder = build_encoder(preset, args.seed + 1) if forward_process(kind).needs_encoder else None
     pipe = DiffEncPipeline(
         unet=build_unet(preset, args.seed), scheduler=VDMScheduler(encoder_type=kind), encoder=encoder
     )

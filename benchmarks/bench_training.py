@@ -53,6 +53,7 @@ from common import (
 )
 
 from diffenc_diffusers import DiffEncObjective, VDMScheduler
+from diffenc_diffusers.forward_processes import forward_process
 
 KINDS = {"none": "VDM", "nontrainable": "DiffEnc non-trainable", "trainable": "DiffEnc trainable"}
 """Scheduler `encoder_type` -> label."""
@@ -87,7 +88,7 @@ def on_off(flag: bool) -> str:
 def build_objective(args: argparse.Namespace, kind: str, device: torch.device) -> DiffEncObjective:
     """The preset's denoiser (and encoder for the trainable kind) in a `DiffEncObjective`, on ``device``."""
     preset = PRESETS[args.preset]
-    encoder = build_encoder(preset, args.seed + 1) if kind == "trainable" else None
+    encoder = build_encoder(preset, args.seed + 1) if forward_process(kind).needs_encoder else None
     objective = DiffEncObjective(build_unet(preset, args.seed), VDMScheduler(encoder_type=kind), encoder)
     return objective.to(device)
 
@@ -232,7 +233,7 @@ def main() -> None:
 
     targets = []
     for record in records:
-        if record["kind"] == "trainable" and record["over_vdm"] is not None:
+        if forward_process(record["kind"]).needs_encoder and record["over_vdm"] is not None:
             ratio = Ratio(**record["over_vdm"])
             targets.append(
                 f"trainable DiffEnc step / VDM step ({record['dtype']}, compile {on_off(record['compiled'])}): "

@@ -294,7 +294,7 @@ def save_encoder_figure(
     """
     objective = _objective(pipe, None)
     labels = _figure_labels(objective, _encoder_is_conditional(pipe), class_labels, len(images))
-    if objective.encoder_type == "none":
+    if not objective.forward_process.has_encoding:
         return None
     return _draw_encoder_figure(objective, images, labels, t_values, path, class_difference=False)
 
@@ -331,7 +331,7 @@ def save_class_encoder_figure(
             f"{tuple(images.shape)} and {tuple(labels.shape)}."
         )
     labels = check_class_labels(labels, len(images), objective.num_classes, False)
-    if objective.encoder_type == "none":
+    if not objective.forward_process.has_encoding:
         return None
     classes = sorted(set(labels.tolist()))
     first = torch.tensor([int((labels == label).nonzero()[0]) for label in classes])

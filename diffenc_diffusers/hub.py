@@ -70,11 +70,6 @@ LOCAL_PATH_KEYS = ("_name_or_path",)
 _VARIANT = re.compile(r"[A-Za-z0-9_-]+")
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])(?:[A-Za-z]:[\\/]|~/|/)[^\s'\"|,;()\[\]{}<>]+")
 
-_ENCODER_DESCRIPTIONS = {
-    "none": "a Variational Diffusion Model (VDM, Kingma et al. 2021; no encoder)",
-    "nontrainable": "a DiffEnc model with the non-trainable encoder x_phi(x, t) = alpha_t^2 x",
-    "trainable": "a DiffEnc model with a trainable encoder x_phi(x, t) = alpha_t^2 x + sigma_t^2 y_phi(x, t)",
-}
 
 
 def read_model_index(folder: str | os.PathLike) -> dict[str, Any]:
@@ -443,7 +438,7 @@ def make_model_card(
         f"{sum(p.numel() for p in pipeline.encoder.parameters()):,}" if pipeline.encoder is not None else "none"
     )
     model_rows = [
-        ("model", _ENCODER_DESCRIPTIONS[scheduler.encoder_type]),
+        ("model", pipeline.scheduler.forward_process.description),
         ("images", f"{unet.in_channels} x {height} x {width}, 8 bit"),
         ("denoiser parameters", f"{sum(p.numel() for p in pipeline.unet.parameters()):,}"),
         ("encoder parameters", encoder_parameters),
@@ -474,9 +469,9 @@ def make_model_card(
         training = _table(("setting", "value"), [(str(k), _format_value(k, v)) for k, v in training_info.items()])
     else:
         training = "Training settings were not recorded."
-    can_evaluate = scheduler.encoder_type != "trainable" or pipeline.encoder is not None
+    can_evaluate = not scheduler.forward_process.needs_encoder or pipeline.encoder is not None
     usage = _usage(repo_id, num_classes, null_class, can_evaluate)
-    if scheduler.encoder_type == "trainable":
+    if scheduler.forward_process.needs_encoder:
         usage += "\n\nSampling never uses the encoder; `bits_per_dim` needs it."
     content = "\n".join(
         [
@@ -487,7 +482,7 @@ def make_model_card(
             f"# {repo_id.split('/')[-1]}",
             "",
             f"{'An unconditional' if num_classes is None else f'A class-conditional ({num_classes} classes)'} "
-            f"image model: {_ENCODER_DESCRIPTIONS[scheduler.encoder_type]}, made with "
+            f"image model: {pipeline.scheduler.forward_process.description}, made with "
             "diffenc-diffusers, a diffusers implementation of [DiffEnc: Variational Diffusion with a Learned "
             "Encoder](https://arxiv.org/abs/2310.19789) (Nielsen et al., ICLR 2024).",
             "",

@@ -4,8 +4,9 @@ ELBO terms (named as in google-research/vdm):
     loss_recon  reconstruction, -log p(x | z_0)                       DESIGN.md "Reconstruction"
     loss_klz    prior, KL(q(z_1 | x) || N(0, I))                       DESIGN.md "Prior"
     loss_diff   diffusion, continuous time (T = infinity) or T steps   DESIGN.md "Continuous/Discrete-time ..."
-The scheduler owns gamma, alpha and sigma and the map from a network output to x_hat; this module owns the
-encoder's forward process x_phi(x, t) and the three loss terms.
+gamma lives in :mod:`noise_schedule` (this module holds the learned schedule's parameters), x_phi(x, t) in the
+forward process of the scheduler's `encoder_type` (:mod:`forward_processes`), the step algebra shared with the
+samplers in :mod:`step_algebra`; this module owns the three loss terms.
 """
 
 from __future__ import annotations
@@ -14,18 +15,28 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
-from torch.autograd import forward_ad
 
 from .discretization import decoder_nll, nats_to_bits_per_dim, validate_images
-from .models.schedule_monotone import MonotoneSchedule
-from .scheduling_vdm import VDMScheduler, alpha_sigma, alpha_sigma_squared, expand_to, linear_gamma, schedule_dtype
+from .forward_processes import Encoding, ForwardProcess
+from .noise_schedule import (
+    MonotoneSchedule,
+    alpha_sigma,
+    alpha_sigma_squared,
+    endpoint_parameters,
+    expand_to,
+    gamma_and_derivative,
+    schedule_dtype,
+)
+from .scheduling_utils import VDMSchedulerMixin, check_scheduler
+from .step_algebra import posterior_variance_fraction
+
+__all__ = ["DiffEncObjective", "DiffEncObjectiveOutput", "Encoding", "network_classes", "networks_in_eval_mode"]
 
 
 @dataclass
@@ -51,14 +62,6 @@ class DiffEncObjectiveOutput(BaseOutput):
     t: torch.Tensor = None
 
 
-class Encoding(NamedTuple):
-    """The forward process' data term at gamma: x_phi(x, t), optionally d x_phi / d gamma, and y_phi."""
-
-    x_phi: torch.Tensor
-    dx_phi_dgamma: torch.Tensor | None
-    y: torch.Tensor | None
-
-
 class DiffEncObjective(nn.Module):
     r"""
     The negative ELBO of a VDM (`encoder_type="none"`), a non-trainable DiffEnc (`"nontrainable"`) or a trainable
@@ -74,8 +77,10 @@ class DiffEncObjective(nn.Module):
 
     Args:
         unet (`VDMUNetModel`): the denoiser, called as ``unet(z_t, gamma_t).sample``.
-        scheduler (`VDMScheduler`): the noise schedule, prediction type, encoder type and variance weight w.
-        encoder (`DiffEncEncoderModel`, *optional*): y_phi(x, gamma); required iff `encoder_type="trainable"`.
+        scheduler (`VDMScheduler`, or another scheduler of this package): the noise schedule, prediction type,
+            forward process (`encoder_type`) and variance weight w.
+        encoder (`DiffEncEncoderModel`, *optional*): y_phi(x, gamma); required iff the forward process needs an
+            encoder (`encoder_type="trainable"`).
         num_timesteps (`int`, *optional*): T for the discrete-time diffusion loss; `None` for continuous time.
             A variance weight w != 1 (scheduler config `variance_weight`) needs a finite T.
     """
@@ -83,23 +88,22 @@ class DiffEncObjective(nn.Module):
     def __init__(
         self,
         unet: nn.Module,
-        scheduler: VDMScheduler,
+        scheduler: VDMSchedulerMixin,
         encoder: nn.Module | None = None,
         num_timesteps: int | None = None,
     ):
         super().__init__()
-        if not isinstance(scheduler, VDMScheduler):
-            raise TypeError(f"`scheduler` must be a VDMScheduler, got {type(scheduler).__name__}.")
-        encoder_type = scheduler.config.encoder_type
-        if encoder_type == "trainable" and encoder is None:
+        check_scheduler(scheduler, "DiffEncObjective")
+        process = scheduler.forward_process
+        if process.needs_encoder and encoder is None:
             raise ValueError(
-                "The scheduler's `encoder_type` is 'trainable' but no `encoder` was given: the likelihood of a "
-                "trainable DiffEnc model needs its encoder network."
+                f"The scheduler's `encoder_type` is {process.encoder_type!r}, whose forward process needs an "
+                "`encoder` network, but none was given: the likelihood of this model needs it."
             )
-        if encoder_type != "trainable" and encoder is not None:
+        if not process.needs_encoder and encoder is not None:
             raise ValueError(
-                f"An `encoder` was given but the scheduler's `encoder_type` is {encoder_type!r}; "
-                "use a scheduler with encoder_type='trainable'."
+                f"An `encoder` was given but the scheduler's `encoder_type` is {process.encoder_type!r}, whose "
+                "forward process has no encoder network; use a scheduler with encoder_type='trainable'."
             )
         if num_timesteps is not None and (
             isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1
@@ -124,14 +128,15 @@ class DiffEncObjective(nn.Module):
         self.encoder = encoder
         self.scheduler = scheduler
         self.num_timesteps = num_timesteps
-        if scheduler.learns_endpoints:
-            self.gamma_min = nn.Parameter(torch.tensor(float(scheduler.config.gamma_min)))
-            self.gamma_max = nn.Parameter(torch.tensor(float(scheduler.config.gamma_max)))
-        else:
-            self.gamma_min = None
-            self.gamma_max = None
+        # State-dict keys `gamma_min`, `gamma_max`, `monotone_schedule.*` (training checkpoints) stay as they are.
+        self.gamma_min, self.gamma_max = endpoint_parameters(scheduler.config)
         is_monotone = scheduler.config.schedule == "learned_monotone"
         self.monotone_schedule = MonotoneSchedule.from_scheduler(scheduler) if is_monotone else None
+
+    @property
+    def forward_process(self) -> ForwardProcess:
+        """The forward process of the scheduler's `encoder_type` (:mod:`diffenc_diffusers.forward_processes`)."""
+        return self.scheduler.forward_process
 
     @property
     def encoder_type(self) -> str:
@@ -139,8 +144,8 @@ class DiffEncObjective(nn.Module):
         return self.scheduler.config.encoder_type
 
     def gamma(self, t: torch.Tensor) -> torch.Tensor:
-        """gamma(t) in float64 (float32 on MPS), shape of ``t``: the scheduler's formula with the current (learned)
-        schedule parameters, differentiable in them."""
+        """gamma(t) in float64 (float32 on MPS), shape of ``t``: :func:`noise_schedule.gamma_and_derivative` with the
+        current (learned) schedule parameters, differentiable in them."""
         return self._gamma_and_derivative(t)[0]
 
     def gamma_derivative(self, t: torch.Tensor) -> torch.Tensor:
@@ -165,9 +170,9 @@ class DiffEncObjective(nn.Module):
             gamma_min, gamma_max = self.gamma_min.to(dtype), self.gamma_max.to(dtype)
         if self.monotone_schedule is not None:
             return self.monotone_schedule(t, gamma_min, gamma_max, per_sample=per_sample)
-        return linear_gamma(t, gamma_min, gamma_max), (gamma_max - gamma_min).expand(t.shape), None
+        return (*gamma_and_derivative(t, gamma_min, gamma_max), None)
 
-    def export_scheduler(self) -> VDMScheduler:
+    def export_scheduler(self) -> VDMSchedulerMixin:
         """A copy of the scheduler whose config holds the current (learned) schedule parameters: the endpoints
         `gamma_min` / `gamma_max` and, for `learned_monotone`, the `monotone_*` weights."""
         overrides = {}
@@ -175,7 +180,7 @@ class DiffEncObjective(nn.Module):
             overrides.update(gamma_min=float(self.gamma_min.detach()), gamma_max=float(self.gamma_max.detach()))
         if self.monotone_schedule is not None:
             overrides.update(self.monotone_schedule.config_values())
-        return VDMScheduler.from_config(self.scheduler.config, **overrides)
+        return type(self.scheduler).from_config(self.scheduler.config, **overrides)
 
     def variance_gradient_parameters(self) -> list[nn.Parameter]:
         """The parameters that ``loss.backward()`` gives the gradient of the loss variance instead of the loss: the
@@ -211,13 +216,12 @@ class DiffEncObjective(nn.Module):
     ) -> Encoding:
         """The encoded data x_phi(x, t) at gamma = gamma_t, and optionally d x_phi / d gamma.
 
+        The formulas are the forward process' (:meth:`ForwardProcess.encode`):
+
         none:          x_phi = x,                       d x_phi / d gamma = 0
         nontrainable:  x_phi = alpha^2 x,               d x_phi / d gamma = -sigma^2 alpha^2 x
         trainable:     x_phi = alpha^2 x + sigma^2 y,   d x_phi / d gamma = sigma^2 alpha^2 (y - x) + sigma^2 dy/dgamma
-                       with y = y_phi(x, gamma)
-
-        d y / d gamma comes with y from one evaluation of the encoder in forward-mode AD (`torch.autograd.forward_ad`,
-        tangent 1 on gamma); gradients flow through both into the encoder's parameters.
+                       with y = y_phi(x, gamma) (a forward-mode derivative through the encoder)
 
         Args:
             x: data as grid values in (-1, 1), shape (B, C, H, W).
@@ -225,27 +229,8 @@ class DiffEncObjective(nn.Module):
             with_derivative: also return d x_phi / d gamma (``None`` for VDM, where it is 0).
             class_labels: shape (B,), for a class-conditional encoder (ignored by an unconditional one).
         """
-        if self.encoder_type == "none":
-            return Encoding(x, None, None)
-        alpha_sq, sigma_sq = (expand_to(v, x).to(x.dtype) for v in alpha_sigma_squared(gamma))
-        if self.encoder_type == "nontrainable":
-            derivative = -sigma_sq * alpha_sq * x if with_derivative else None
-            return Encoding(alpha_sq * x, derivative, None)
-        gamma_in = gamma.to(x.dtype)
-        if with_derivative:
-            with forward_ad.dual_level():
-                dual_gamma = forward_ad.make_dual(gamma_in, torch.ones_like(gamma_in))
-                y, dy = forward_ad.unpack_dual(
-                    self.encoder(x, dual_gamma, **_labels_for(self.encoder, class_labels)).sample
-                )
-            y = y.to(x.dtype)
-            # An encoder whose output does not depend on gamma has no tangent: dy / dgamma = 0.
-            dy = torch.zeros_like(y) if dy is None else dy.to(x.dtype)
-            derivative = sigma_sq * alpha_sq * (y - x) + sigma_sq * dy
-        else:
-            y = self.encoder(x, gamma_in, **_labels_for(self.encoder, class_labels)).sample.to(x.dtype)
-            derivative = None
-        return Encoding(alpha_sq * x + sigma_sq * y, derivative, y)
+        encoder_kwargs = _labels_for(self.encoder, class_labels) if self.encoder is not None else {}
+        return self.forward_process.encode(x, gamma, with_derivative, self.encoder, **encoder_kwargs)
 
     def forward(
         self,
@@ -336,8 +321,10 @@ class DiffEncObjective(nn.Module):
         encoding = self.encode(x, gamma_t, with_derivative=True, class_labels=class_labels)
         x_hat, residual = self._denoise(encoding.x_phi, noise, gamma_t, class_labels)
         if encoding.dx_phi_dgamma is not None:
-            sigma_sq = expand_to(torch.sigmoid(gamma_t), x).to(x.dtype)
-            residual = residual + encoding.dx_phi_dgamma + sigma_sq * x_hat
+            residual = residual + encoding.dx_phi_dgamma
+        drift = self.forward_process.x_hat_drift(gamma_t)
+        if drift is not None:
+            residual = residual + expand_to(drift, x).to(x.dtype) * x_hat
         weight = 0.5 * dgamma_dt * torch.exp(-gamma_t)
         loss = weight * (residual.flatten(1) ** 2).sum(1)
         if variance_gradient:
@@ -369,12 +356,14 @@ class DiffEncObjective(nn.Module):
         x_hat_t, x_hat_error = self._denoise(m_t, noise, gamma_t, class_labels)
 
         delta = gamma_s - gamma_t
-        expm1_delta = torch.expm1(delta)
-        # (m_s - x_hat_s) - e^delta (m_t - x_hat_t), arranged so that no two O(1) terms cancel when T is large.
-        mean_gap = (m_s - m_t) + expand_to(expm1_delta, x).to(x.dtype) * x_hat_error
-        if self.scheduler.applies_diffenc_correction:
-            mean_gap = mean_gap + expand_to(delta * torch.sigmoid(gamma_t), x).to(x.dtype) * x_hat_t
-        kl = torch.exp(-gamma_s) * (mean_gap.flatten(1) ** 2).sum(1) / (-2.0 * expm1_delta)
+        c = posterior_variance_fraction(delta)
+        # (m_s - x_hat_s) - e^delta (m_t - x_hat_t), arranged so that no two O(1) terms cancel when T is large:
+        # e^delta - 1 = -c, and x_hat_t - x_hat_s = kappa x_hat_t with kappa the forward process' x_hat shift.
+        mean_gap = (m_s - m_t) - expand_to(c, x).to(x.dtype) * x_hat_error
+        x_hat_shift = self.forward_process.x_hat_shift(gamma_t, delta)
+        if x_hat_shift is not None:
+            mean_gap = mean_gap + expand_to(x_hat_shift, x).to(x.dtype) * x_hat_t
+        kl = torch.exp(-gamma_s) * (mean_gap.flatten(1) ** 2).sum(1) / (2.0 * c)
         w = self.scheduler.config.variance_weight
         num_dims = x[0].numel()
         kl = 0.5 * num_dims * (math.log(w) + 1.0 / w - 1.0) + kl / w

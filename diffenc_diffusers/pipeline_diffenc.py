@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import tempfile
@@ -33,7 +34,7 @@ from .objective import DiffEncObjective, networks_in_eval_mode
 from .pipeline_folder import COMPONENT_CLASSES, REQUIRED_COMPONENTS  # noqa: F401 (public names kept here)
 from .pipeline_folder import check_pipeline_folder as _check_pipeline_folder
 from .presets import PRESETS_DIR, build_preset_components, preset_names, resolve_preset  # noqa: F401
-from .scheduling_vdm import VDMScheduler
+from .scheduling_utils import VDMSchedulerMixin, check_scheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 """Accepted `output_type` values of :meth:`DiffEncPipeline.__call__`."""
@@ -67,8 +68,9 @@ class DiffEncPipeline(DiffusionPipeline):
     DiffEnc (Nielsen et al., "DiffEnc: Variational Diffusion with a Learned Encoder", ICLR 2024) is a
     Variational Diffusion Model (Kingma et al., 2021) whose forward process runs on an encoding x_phi(x, t) of
     the data. The scheduler's `encoder_type` says which model this is: `"none"` (VDM), `"nontrainable"` or
-    `"trainable"` DiffEnc. Only the trainable kind has an encoder network; it is needed for the likelihood
-    (:meth:`bits_per_dim`) and never for sampling, so it is an optional component.
+    `"trainable"` DiffEnc (its forward process, `pipe.scheduler.forward_process`). Only the trainable kind has an
+    encoder network; it is needed for the likelihood (:meth:`bits_per_dim`) and never for sampling, so it is an
+    optional component.
 
     This model inherits from [`DiffusionPipeline`]: saving, loading, `.to(...)`, progress-bar configuration
     and CPU offload work as for any diffusers pipeline. :meth:`from_pretrained` also accepts Hub repository
@@ -76,7 +78,10 @@ class DiffEncPipeline(DiffusionPipeline):
 
     Parameters:
         unet ([`VDMUNetModel`]): The denoiser, called as `unet(z_t, gamma_t).sample`.
-        scheduler ([`VDMScheduler`]): The noise schedule and sampler; its config says the model kind.
+        scheduler ([`VDMScheduler`] or another scheduler of this package, a [`VDMSchedulerMixin`]): The noise
+            schedule and sampler; its config says the model kind. Swap samplers with
+            `pipe.scheduler = OtherScheduler.from_config(pipe.scheduler.config)`; diffusers' integer-timestep
+            schedulers are refused (TypeError) at assignment.
         encoder ([`DiffEncEncoderModel`], *optional*): The encoder network y_phi of a trainable DiffEnc model.
     """
 
@@ -86,18 +91,17 @@ class DiffEncPipeline(DiffusionPipeline):
     def __init__(
         self,
         unet: VDMUNetModel,
-        scheduler: VDMScheduler,
+        scheduler: VDMSchedulerMixin,
         encoder: DiffEncEncoderModel | None = None,
     ):
         super().__init__()
-        if not isinstance(scheduler, VDMScheduler):
-            raise TypeError(f"`scheduler` must be a VDMScheduler, got {type(scheduler).__name__}.")
+        check_scheduler(scheduler, "DiffEncPipeline's `scheduler`")
         if encoder is not None:
-            encoder_type = scheduler.config.encoder_type
-            if encoder_type != "trainable":
+            if not scheduler.forward_process.needs_encoder:
                 raise ValueError(
-                    f"An `encoder` was given but the scheduler's `encoder_type` is {encoder_type!r}; only a "
-                    "trainable DiffEnc model (encoder_type='trainable') has an encoder network."
+                    f"An `encoder` was given but the scheduler's `encoder_type` is "
+                    f"{scheduler.config.encoder_type!r}; only a trainable DiffEnc model (encoder_type='trainable') "
+                    "has an encoder network."
                 )
             if encoder.config.in_channels != unet.config.in_channels:
                 raise ValueError(
@@ -105,6 +109,13 @@ class DiffEncPipeline(DiffusionPipeline):
                     f"{unet.config.in_channels}; both must model the same images."
                 )
         self.register_modules(unet=unet, scheduler=scheduler, encoder=encoder)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # `pipe.scheduler = ...` (and `register_modules`) accept only the schedulers of this package: a diffusers
+        # DDIMScheduler would fail later, inside sampling, with an AttributeError on `gamma`.
+        if name == "scheduler":
+            check_scheduler(value, "DiffEncPipeline's `scheduler`")
+        super().__setattr__(name, value)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -121,13 +132,14 @@ class DiffEncPipeline(DiffusionPipeline):
         num_inference_steps: int = 1000,
         output_type: str = "pil",
         return_dict: bool = True,
-        eta: float = 1.0,
+        eta: float | None = None,
         class_labels: torch.Tensor | list[int] | None = None,
         guidance_scale: float = 1.0,
     ) -> ImagePipelineOutput | tuple:
         r"""
-        Sample images: z_1 ~ N(0, I), `num_inference_steps` reverse steps on the even time grid from t = 1 to
-        t = 0, then the decoder's most likely 8-bit value at z_0.
+        Sample images: z_1 ~ N(0, I), `num_inference_steps` reverse steps of the scheduler from t = 1 to t = 0,
+        then the decoder's most likely 8-bit value at z_0 (:meth:`VDMSchedulerMixin.decode`). The steps below are
+        [`VDMScheduler`]'s (on the even time grid); another scheduler of this package brings its own.
 
         With gamma = -log SNR, delta = gamma_s - gamma_t < 0 from t to s < t, c = -expm1(delta), the
         denoiser's estimate x_hat of x_phi(x, t), eps_hat = (z_t - alpha_t x_hat) / sigma_t, and
@@ -153,8 +165,9 @@ class DiffEncPipeline(DiffusionPipeline):
                 `(batch_size, channels, height, width)`). "np" and "pt" hold exactly k / 255 for the 8-bit
                 values k.
             return_dict (`bool`, defaults to `True`): Return an [`ImagePipelineOutput`] instead of a tuple.
-            eta (`float`, defaults to 1.0): 1 for ancestral sampling, 0 for the deterministic sampler; in
-                [0, 1].
+            eta (`float`, *optional*): 1 for ancestral sampling, 0 for the deterministic sampler; in [0, 1].
+                Default: the scheduler's (1.0 for [`VDMScheduler`]). Only for a scheduler whose `step` takes
+                `eta` (refused otherwise).
             class_labels (`torch.Tensor` or `list[int]` of length `batch_size`, *optional*): The class of each
                 image, for a class-conditional denoiser (`num_class_embeds` set; required there, refused
                 otherwise).
@@ -178,6 +191,15 @@ class DiffEncPipeline(DiffusionPipeline):
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+        if not (
+            generator is None
+            or isinstance(generator, torch.Generator)
+            or (isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator))
+        ):
+            raise TypeError(
+                "`generator` must be a torch.Generator, a list of one torch.Generator per image, or None; got "
+                f"{generator!r}. For a seed use torch.Generator().manual_seed(seed)."
+            )
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"`generator` is a list of {len(generator)} generators but `batch_size` is {batch_size}; pass "
@@ -185,8 +207,9 @@ class DiffEncPipeline(DiffusionPipeline):
             )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}.")
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0):
             raise ValueError(f"`eta` must be a float in [0, 1] (1: ancestral, 0: deterministic), got {eta!r}.")
+        step_kwargs = self._step_kwargs(generator=generator, eta=eta)
 
         device = self._execution_device
         labels = self._sampling_labels(class_labels, guidance_scale, batch_size, device)
@@ -202,9 +225,9 @@ class DiffEncPipeline(DiffusionPipeline):
                     both = self.unet(torch.cat([sample, sample]), torch.cat([gamma_t, gamma_t]), **labels).sample
                     conditional, unconditional = both.to(latent_dtype).chunk(2)
                     model_output = unconditional + guidance_scale * (conditional - unconditional)
-            sample = self.scheduler.step(model_output, t, sample, generator=generator, eta=eta).prev_sample
+            sample = self.scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
 
-        images = grid_to_uint8(sample).to(torch.float32) / 255.0
+        images = grid_to_uint8(self.scheduler.decode(sample)).to(torch.float32) / 255.0
         if output_type != "pt":
             images = images.cpu().permute(0, 2, 3, 1).numpy()
             if output_type == "pil":
@@ -214,6 +237,21 @@ class DiffEncPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    def _step_kwargs(self, generator: Any, eta: float | None) -> dict[str, Any]:
+        """The keyword arguments the scheduler's `step` takes, read from its signature as diffusers' pipelines'
+        `prepare_extra_step_kwargs` does: `generator` if it draws noise, `eta` if given (else the scheduler's
+        default). A deterministic sampler needs neither; an `eta` it cannot take is refused."""
+        accepted = inspect.signature(self.scheduler.step).parameters
+        if eta is not None and "eta" not in accepted:
+            raise ValueError(
+                f"`eta` is {eta}, but the scheduler {type(self.scheduler).__name__}'s `step` takes no `eta`; leave "
+                "it unset."
+            )
+        kwargs = {"generator": generator} if "generator" in accepted else {}
+        if eta is not None:
+            kwargs["eta"] = eta
+        return kwargs
 
     def _sampling_labels(
         self, class_labels: Any, guidance_scale: float, batch_size: int, device: torch.device
@@ -318,7 +356,7 @@ class DiffEncPipeline(DiffusionPipeline):
                 arguments.
             TypeError: Images that are not uint8, or an input of an unsupported type.
         """
-        if self.scheduler.config.encoder_type == "trainable" and self.encoder is None:
+        if self.scheduler.forward_process.needs_encoder and self.encoder is None:
             raise ValueError(
                 "This pipeline models a trainable DiffEnc (scheduler encoder_type='trainable') but has no "
                 "`encoder` component, so it can sample but cannot compute a likelihood: the ELBO of a "

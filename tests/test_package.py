@@ -64,3 +64,37 @@ def test_no_module_imports_itself_back():
             seen.add(module)
             stack.extend(graph.get(module, ()))
     assert cycles == []
+
+
+def test_networks_do_not_import_the_scheduler():
+    """models/ holds networks: the noise schedule they need (the monotone schedule's weights) comes from
+    noise_schedule, which imports no scheduler."""
+    graph = import_graph()
+    reached, stack = set(), [name for name in graph if name.startswith("diffenc_diffusers.models")]
+    while stack:
+        module = stack.pop()
+        if module not in reached:
+            reached.add(module)
+            stack.extend(graph.get(module, ()))
+    assert not {"diffenc_diffusers.scheduling_vdm", "diffenc_diffusers.scheduling_utils"} & reached
+
+
+ENCODER_TYPE_NAMES = {"none", "nontrainable", "trainable"}
+
+
+def test_only_the_forward_processes_compare_encoder_type_names():
+    """A model kind is its forward-process object: no module outside forward_processes/ branches on the
+    `encoder_type` strings (no comparison of an `encoder_type` with "none", "nontrainable" or "trainable")."""
+    found = []
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        if "forward_processes" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            operands = [node.left, *node.comparators]
+            names = {o.value for o in operands if isinstance(o, ast.Constant) and o.value in ENCODER_TYPE_NAMES}
+            text = ast.unparse(node)
+            if names and "encoder_type" in text:
+                found.append(f"{path.relative_to(PACKAGE_DIR)}:{node.lineno}: {text}")
+    assert found == []

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import perturb_
+from diffusers import DDIMScheduler, DDPMScheduler
 from PIL import Image
 
 from diffenc_diffusers import DiffEncObjective, DiffEncPipeline, VDMScheduler
@@ -89,6 +90,8 @@ def test_constructor_rejects_inconsistent_components():
     components = make_components("trainable")
     with pytest.raises(TypeError, match="VDMScheduler"):
         DiffEncPipeline(components["unet"], object())
+    with pytest.raises(TypeError, match=r"VDMSchedulerMixin.*DDIMScheduler"):
+        DiffEncPipeline(components["unet"], DDIMScheduler())
     with pytest.raises(ValueError, match="encoder_type"):
         DiffEncPipeline(components["unet"], VDMScheduler(encoder_type="nontrainable"), components["encoder"])
     other = make_components("trainable", channels=3)["encoder"]
@@ -205,6 +208,44 @@ def test_bad_sampling_arguments_raise_clear_errors():
         pipe(num_inference_steps=0)
     with pytest.raises(ValueError, match="generators"):
         pipe(batch_size=2, generator=[torch.Generator()], num_inference_steps=1)
+
+
+def test_a_generator_that_is_not_one_is_refused_before_any_work(monkeypatch):
+    pipe = make_pipeline("none")
+    monkeypatch.setattr(pipe.scheduler, "set_timesteps", lambda *args, **kwargs: pytest.fail("work started"))
+    for generator in ("seed", 0, [torch.Generator(), 3]):
+        with pytest.raises(TypeError, match=r"`generator` must be a torch.Generator, a list .* got"):
+            pipe(batch_size=2, generator=generator, num_inference_steps=1)
+
+
+def test_a_diffusers_scheduler_is_refused_at_assignment():
+    """DDIMScheduler has no gamma(t): accepting it failed later, inside sampling, with AttributeError 'gamma'."""
+    pipe = make_pipeline("trainable")
+    scheduler = pipe.scheduler
+    for other in (DDIMScheduler.from_config(pipe.scheduler.config), DDPMScheduler()):
+        with pytest.raises(TypeError, match=f"needs a scheduler of diffenc_diffusers .* got .*{type(other).__name__}"):
+            pipe.scheduler = other
+        with pytest.raises(TypeError, match="needs a scheduler of diffenc_diffusers"):
+            pipe.register_modules(scheduler=other)
+    assert pipe.scheduler is scheduler
+    pipe.scheduler = VDMScheduler.from_config(scheduler.config)
+    assert pipe.scheduler is not scheduler and pipe.scheduler.config == scheduler.config
+
+
+class DeterministicVDMScheduler(VDMScheduler):
+    """A sampler whose `step` takes no `eta` and no `generator` (as a deterministic ODE solver's would)."""
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        return super().step(model_output, timestep, sample, eta=0.0, return_dict=return_dict)
+
+
+def test_the_pipeline_passes_step_only_the_arguments_it_takes():
+    pipe = make_pipeline("nontrainable")
+    reference = sample(pipe, eta=0.0)
+    pipe.scheduler = DeterministicVDMScheduler.from_config(pipe.scheduler.config)
+    assert torch.equal(sample(pipe), reference)
+    with pytest.raises(ValueError, match=r"`eta` is 0\.5, but the scheduler DeterministicVDMScheduler's `step` takes"):
+        sample(pipe, eta=0.5)
 
 
 # ------------------------------------------------------------------------------------------ dtype, device

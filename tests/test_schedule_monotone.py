@@ -282,7 +282,7 @@ def test_sampler_with_an_identity_interior_equals_the_linear_sampler(eta):
                 z = scheduler.step(v, t, z, generator=generator, eta=eta).prev_sample
                 trajectory.append(z)
         trajectories.append(torch.stack(trajectory[:-1]))
-        trajectories.append(trajectory[-1])
+        trajectories.append(scheduler.decode(trajectory[-1]))
     torch.testing.assert_close(trajectories[0], trajectories[2], rtol=1e-12, atol=1e-12)
     assert torch.equal(trajectories[1], trajectories[3])
 

@@ -99,13 +99,15 @@ def test_deterministic_step_is_ddim_on_log_snr_grid(encoder_type):
     torch.testing.assert_close(out_a.prev_sample, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_last_step_returns_decoder_mode():
-    """One step from t = 1 to 0: z_0 by the DESIGN formula, then the grid point nearest to z_0 / alpha_0."""
+def test_last_step_returns_z_0_and_decode_gives_the_decoder_mode():
+    """One step from t = 1 to 0: z_0 by the DESIGN formula (the step does not decode); `decode` then gives the grid
+    point nearest to z_0 / alpha_0."""
     scheduler = VDMScheduler()
     scheduler.set_timesteps(1)
     z_1 = torch.randn(SHAPE, dtype=torch.float64)
     v = 0.1 * torch.randn(SHAPE, dtype=torch.float64)
-    final = scheduler.step(v, 1.0, z_1, generator=torch.Generator().manual_seed(0)).prev_sample
+    last = scheduler.step(v, 1.0, z_1, generator=torch.Generator().manual_seed(0)).prev_sample
+    final = scheduler.decode(last)
 
     gamma_t, gamma_s = 5.0, -13.3
     x_hat = math.sqrt(sigmoid(-gamma_t)) * z_1 - math.sqrt(sigmoid(gamma_t)) * v
@@ -114,6 +116,7 @@ def test_last_step_returns_decoder_mode():
     z_0 = design_ancestral_mean(z_1, x_hat, gamma_t, gamma_s, False) + math.sqrt(sigmoid(gamma_s) * c) * noise
     grid = grid_values(dtype=torch.float64)
     nearest = grid[(z_0.unsqueeze(-1) / math.sqrt(sigmoid(-gamma_s)) - grid).abs().argmin(-1)]
+    torch.testing.assert_close(last, z_0, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(final, nearest, rtol=0, atol=0)
 
 
@@ -157,6 +160,22 @@ def test_add_noise_is_forward_process_and_keeps_dtype_and_device():
         gamma = -13.3 + 18.3 * ti
         expected = math.sqrt(sigmoid(-gamma)) * x[i] + math.sqrt(sigmoid(gamma)) * noise[i]
         torch.testing.assert_close(z[i], expected)
+
+
+def test_add_noise_refuses_integer_timesteps_and_times_outside_the_unit_interval():
+    """diffusers-style integer timesteps (or t > 1) gave pure noise silently; they are refused."""
+    scheduler = VDMScheduler()
+    x, noise = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    for timesteps in (torch.tensor([10, 500]), torch.tensor([0, 1]), 10, torch.tensor([True, False])):
+        with pytest.raises(TypeError, match="`timesteps` must be"):
+            scheduler.add_noise(x, noise, timesteps)
+    for timesteps in (1.5, -0.1, torch.tensor([0.5, 1.5]), torch.tensor([float("nan"), 0.5]), float("inf")):
+        with pytest.raises(ValueError, match=r"`timesteps` must (hold times|be a time) in \[0, 1\]"):
+            scheduler.add_noise(x, noise, timesteps)
+    with pytest.raises(TypeError, match="`timesteps` must be"):
+        scheduler.add_noise(x, noise, "0.5")
+    for timesteps in (0, 1, 0.25, torch.tensor(0.5, dtype=torch.float64)):
+        scheduler.add_noise(x, noise, timesteps)
 
 
 def test_step_dict_and_tuple_outputs_match():

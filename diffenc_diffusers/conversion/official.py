@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..forward_processes import forward_process
 from ..models import DiffEncEncoderModel, VDMUNetModel
 
 DIFFENC_MODEL_TYPES = {
@@ -446,7 +447,7 @@ def diffenc_model(model_config: dict[str, Any], train_config: dict[str, Any]) ->
     unet_config = _score_unet_config(model_config["score_model_config"], gamma_min, gamma_max, image_shape)
     encoder_config = None
     encoder_map: dict[str, ParameterMapping] = {}
-    if encoder_type == "trainable":
+    if forward_process(encoder_type).needs_encoder:
         official_encoder = model_config["encoder_config"]
         _refuse("trainable" not in official_encoder.get("enc_type", ""), "S3VA needs a trainable enc_type.")
         encoder_config = _diffenc_encoder_config(official_encoder, gamma_min, gamma_max, image_shape)

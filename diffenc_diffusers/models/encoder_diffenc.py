@@ -246,8 +246,10 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
         dropout (`float`, defaults to 0.1): Dropout probability inside every ResNet block, in `[0, 1)`.
         norm_num_groups (`int`, defaults to 32): Groups of every GroupNorm, except those that the next two
             arguments set.
-        gamma_min (`float`, defaults to -13.3): The gamma mapped to ``t = 0`` by the gamma embedding.
-        gamma_max (`float`, defaults to 5.0): The gamma mapped to ``t = 1`` by the gamma embedding.
+        gamma_min (`float`, defaults to -13.3): The gamma mapped to ``t = 0`` by the gamma embedding: the
+            embedding's range, fixed with the trained network, not the noise schedule (the scheduler's
+            `gamma_min`/`gamma_max`, which a learned schedule moves; see `diffenc_diffusers.noise_schedule`).
+        gamma_max (`float`, defaults to 5.0): The gamma mapped to ``t = 1`` by the gamma embedding (as `gamma_min`).
         num_class_embeds (`int`, *optional*): Number of classes K of a class-conditional model (labels
             0 .. K - 1 in `forward`'s `class_labels`); `None` (default) for an unconditional model, which has no
             class parameters. A learned, zero-initialised vector per class is added to the gamma embedding.

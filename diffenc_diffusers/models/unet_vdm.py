@@ -70,8 +70,10 @@ class VDMUNetModel(ModelMixin, ConfigMixin):
         fourier_features_stop (`int`, defaults to 8): Exponents stop before this value (as in `range`).
         fourier_features_step (`int`, defaults to 1): Step between exponents (positive).
         norm_num_groups (`int`, defaults to 32): Groups of every GroupNorm.
-        gamma_min (`float`, defaults to -13.3): The gamma mapped to ``t = 0`` by the gamma embedding.
-        gamma_max (`float`, defaults to 5.0): The gamma mapped to ``t = 1`` by the gamma embedding.
+        gamma_min (`float`, defaults to -13.3): The gamma mapped to ``t = 0`` by the gamma embedding: the
+            embedding's range, fixed with the trained network, not the noise schedule (the scheduler's
+            `gamma_min`/`gamma_max`, which a learned schedule moves; see `diffenc_diffusers.noise_schedule`).
+        gamma_max (`float`, defaults to 5.0): The gamma mapped to ``t = 1`` by the gamma embedding (as `gamma_min`).
         num_class_embeds (`int`, *optional*): Number of classes K of a class-conditional model (labels
             0 .. K - 1 in `forward`'s `class_labels`); `None` (default) for an unconditional model, which has no
             class parameters. A learned, zero-initialised vector per class is added to the gamma embedding.
