@@ -469,9 +469,9 @@ def make_model_card(
         training = _table(("setting", "value"), [(str(k), _format_value(k, v)) for k, v in training_info.items()])
     else:
         training = "Training settings were not recorded."
-    can_evaluate = not scheduler.forward_process.needs_encoder or pipeline.encoder is not None
+    can_evaluate = not pipeline.scheduler.forward_process.needs_encoder or pipeline.encoder is not None
     usage = _usage(repo_id, num_classes, null_class, can_evaluate)
-    if scheduler.forward_process.needs_encoder:
+    if pipeline.scheduler.forward_process.needs_encoder:
         usage += "\n\nSampling never uses the encoder; `bits_per_dim` needs it."
     content = "\n".join(
         [
