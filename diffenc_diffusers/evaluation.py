@@ -581,6 +581,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def non_finite_to_null(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in nested dicts and lists) replaced by None, so that the JSON
+    written holds ``null`` where JSON has no literal."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: non_finite_to_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [non_finite_to_null(item) for item in value]
+    return value
+
+
 def _check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -716,7 +728,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     path = Path(args.output_json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(output, indent=1))
+    path.write_text(json.dumps(non_finite_to_null(output), indent=1, allow_nan=False))
     continuous = output["continuous"]
     kind = "continuous time" if num_classes is None else "continuous time, conditional on the class"
     if output["unconditional"] is not None:

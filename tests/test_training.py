@@ -69,9 +69,10 @@ def train_command(preset: Path, output: Path, *extra: str) -> list[str]:
     return [sys.executable, str(SCRIPT), "--preset", str(preset), "--output_dir", str(output), *FAST, *extra]
 
 
-def run(command: list[str], timeout: float = 300) -> None:
+def run(command: list[str], timeout: float = 300, returncode: int = 0) -> subprocess.CompletedProcess:
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == returncode, result.stderr[-4000:]
+    return result
 
 
 def tensors_equal(first: Path, second: Path) -> bool:
@@ -179,6 +180,55 @@ def test_sigkill_then_resume_ends_with_the_same_parameters(preset, base_run, tmp
     assert json.loads((output / "checkpoint-6" / "training_state.json").read_text())["images_seen"] == 6 * 16
 
 
+def test_corrupted_newest_checkpoint_is_skipped_and_the_run_redone_exactly(preset, base_run, tmp_path):
+    """The issue's scenario: 16 bytes XORed in the middle of the largest tensor of the newest checkpoint's
+    model.safetensors (size unchanged). ``latest`` skips it, says why, resumes the one before, and redoes the
+    steps to bitwise the uncorrupted run's result; naming it explicitly is an error that names the file."""
+    from test_checkpointing import xor_middle_of_largest_tensor
+
+    output = tmp_path / "copied"
+    for name in ("checkpoint-4", "checkpoint-6"):
+        shutil.copytree(base_run / name, output / name)
+    xor_middle_of_largest_tensor(output / "checkpoint-6" / "model.safetensors")
+    explicit = ["--resume_from_checkpoint", str(output / "checkpoint-6")]
+    with pytest.raises(ValueError, match=r"checkpoint-6/model.safetensors does not match its sha256") as error:
+        train_diffenc.main(["--preset", str(preset), "--output_dir", str(output), *explicit])
+    assert "latest" not in str(error.value)
+
+    result = run(train_command(preset, output, "--resume_from_checkpoint", "latest", "--validation_steps", "3"))
+    assert "Skipped checkpoint-6, which cannot be resumed" in result.stderr
+    assert "model.safetensors does not match its sha256 checksum" in result.stderr
+    assert "Resumed from" in result.stderr and "checkpoint-4 at step 4" in result.stderr
+    for name in ("model", "ema", "optimizer"):
+        assert tensors_equal(
+            base_run / "checkpoint-6" / f"{name}.safetensors", output / "checkpoint-6" / f"{name}.safetensors"
+        )
+    assert tensors_equal(
+        base_run / "unet" / "diffusion_pytorch_model.safetensors",
+        output / "unet" / "diffusion_pytorch_model.safetensors",
+    )
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(preset, tmp_path):
+    """A learning rate of 1e30 makes the weights ~1e30 after the first update, and the second update's loss NaN:
+    the run stops naming update 2, checkpoint-1 stays the latest, and no pipeline is saved."""
+    output = tmp_path / "diverged"
+    flags = ["--learning_rate", "1e30", "--lr_warmup_steps", "0", "--checkpointing_steps", "1"]
+    result = run(train_command(preset, output, *flags, "--validation_steps", "0"), returncode=1)
+    assert "NonFiniteError: Update 2: the loss is nan bits/dim" in result.stderr
+    assert "the latest checkpoint stays" in result.stderr
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert not (output / "model_index.json").exists() and not (output / "test_bpd.json").exists()
+
+
+def test_output_json_files_hold_no_bare_nan(base_run):
+    def reject(name: str) -> None:
+        raise AssertionError(f"a JSON file holds {name}")
+
+    for path in base_run.rglob("*.json"):
+        json.loads(path.read_text(), parse_constant=reject)
+
+
 @pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "class-conditional"])
 def test_two_processes_train_like_one(preset, tmp_path, conditional):
     """Global batch 16: one process with 16 images, or two with 8 each (gloo), give the same parameters; for a
@@ -242,7 +292,10 @@ def write_16_bit_folder(root: Path) -> Path:
         (["--dataset", "digits", "--train_data_dir", "."], "either --dataset"),
         (["--resolution", "6"], "--resolution 6 cannot be pooled by the preset's encoder.*multiple of 4"),
         (["--resolution", "12"], "is 8x8 .* but the model takes 12x12 .*never resized"),
-        (["--resume_from_checkpoint", "/no/such/checkpoint-2"], "not a complete checkpoint"),
+        (
+            ["--resume_from_checkpoint", "/no/such/checkpoint-2"],
+            "--resume_from_checkpoint '/no/such/checkpoint-2' cannot be resumed: '/no/such/checkpoint-2' does not",
+        ),
         (["--train_split", "validation"], "digits dataset has the splits"),
     ],
 )

@@ -22,8 +22,8 @@ follows one step through the files. training/README.md lists every flag, the che
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -47,11 +47,14 @@ from diffenc_diffusers.data import (  # noqa: E402
     load_image_splits,
 )
 from diffenc_diffusers.training import (  # noqa: E402
+    CheckpointError,
+    NonFiniteError,
     StreamBatchSampler,
     TrainingStep,
     cpu_has_native_bf16,
     ema_weights,
-    find_latest_checkpoint,
+    find_resumable_checkpoint,
+    first_non_finite,
     load_training_state,
     parameter_groups,
     pipeline_from_objective,
@@ -61,7 +64,12 @@ from diffenc_diffusers.training import (  # noqa: E402
     save_training_state,
     write_checkpoint,
 )
-from diffenc_diffusers.training.checkpointing import complete_checkpoints, noise_process_config  # noqa: E402
+from diffenc_diffusers.training.checkpointing import (  # noqa: E402
+    complete_checkpoints,
+    dumps_strict_json,
+    find_latest_checkpoint,
+    noise_process_config,
+)
 from diffenc_diffusers.training.config import (  # noqa: E402
     MIXED_PRECISION_CHOICES,
     TRAINING_CONFIG_FLAGS,
@@ -330,36 +338,53 @@ class Setup:
 
 def prepare(args: argparse.Namespace) -> Setup:
     """Build the model and load and check the data; ``ValueError`` on anything wrong, before any training."""
+    resume_dir, resume_state = choose_checkpoint(args)
     unet, scheduler, encoder = build_components(args)
     objective = DiffEncObjective(unet, scheduler, encoder, num_timesteps=args.num_timesteps)
     objective.to(PARAMETER_DTYPES[args.dtype])
     shape = (int(unet.config.in_channels), args.resolution, args.resolution)
     train_set, test_set, test_description = load_data(args, shape)
     train_labels, test_labels = check_class_conditioning(args, objective, train_set, test_set)
-    resume_dir = None
-    if args.resume_from_checkpoint == "latest":
-        resume_dir = find_latest_checkpoint(args.output_dir)
-        if resume_dir is None:
-            logger.info("No complete checkpoint in %s: starting a new run.", args.output_dir)
-    elif args.resume_from_checkpoint is not None:
-        resume_dir = Path(args.resume_from_checkpoint)
-    elif complete_checkpoints(args.output_dir):
-        raise ValueError(
-            f"--output_dir {str(args.output_dir)!r} already holds checkpoints of a run; pass "
-            "--resume_from_checkpoint latest to continue it, or choose another --output_dir."
-        )
-    resume_state = None
     if resume_dir is not None:
-        try:
-            resume_state = read_checkpoint_state(resume_dir)
-        except ValueError as error:
-            raise ValueError(
-                f"--resume_from_checkpoint: {error} Use 'latest' to pick the newest complete one."
-            ) from None
         check_resumed_run(resume_dir, resume_state, args, scheduler)
     return Setup(
         objective, shape, train_set, test_set, test_description, train_labels, test_labels, resume_dir, resume_state
     )
+
+
+def choose_checkpoint(args: argparse.Namespace) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint to resume (verified, with its training state read once), or (None, None) for a new run.
+
+    ``latest`` takes the newest checkpoint of --output_dir that passes verification, logging every newer one it
+    skips and why; an explicit folder that fails verification is a ``ValueError`` naming the file and the failure.
+    """
+    if args.resume_from_checkpoint == "latest":
+        folder, state, skipped = find_resumable_checkpoint(args.output_dir)
+        for path, error in skipped:
+            logger.warning("Skipped %s, which cannot be resumed: %s", path.name, error)
+        if folder is None and skipped:
+            raise ValueError(
+                f"--resume_from_checkpoint latest: no checkpoint in {str(args.output_dir)!r} passes verification "
+                f"({len(skipped)} skipped, reasons above; the newest: {skipped[0][1]}). Move them away to start a "
+                "new run there, or choose another --output_dir."
+            )
+        if folder is None:
+            logger.info("No checkpoint in %s: starting a new run.", args.output_dir)
+        elif skipped:
+            logger.warning("Resuming %s, the newest checkpoint that passes verification.", folder.name)
+        return folder, state
+    if args.resume_from_checkpoint is not None:
+        folder = Path(args.resume_from_checkpoint)
+        try:
+            return folder, read_checkpoint_state(folder)
+        except CheckpointError as error:
+            raise ValueError(f"--resume_from_checkpoint {str(folder)!r} cannot be resumed: {error}") from None
+    if complete_checkpoints(args.output_dir):
+        raise ValueError(
+            f"--output_dir {str(args.output_dir)!r} already holds checkpoints of a run; pass "
+            "--resume_from_checkpoint latest to continue it, or choose another --output_dir."
+        )
+    return None, None
 
 
 def check_class_conditioning(
@@ -694,6 +719,13 @@ class Trainer:
         if self.accelerator.is_main_process:
             summary = self.evaluate_ema(args.final_eval_num_images, args.output_dir / "samples" / "final.png")
             self.ema.copy_to(self.parameters)
+            bad = first_non_finite(dict(self.objective.named_parameters()))
+            if bad is not None or not math.isfinite(summary["bpd"]):
+                what = f"{bad!r} holds non-finite values" if bad else f"the test bits/dim are {summary['bpd']}"
+                raise NonFiniteError(
+                    f"The EMA pipeline after {self.global_step} steps is not finite ({what}): it is neither saved "
+                    "nor uploaded."
+                )
             pipe = pipeline_from_objective(self.objective)
             pipe.save_pretrained(str(args.output_dir))
             result = {
@@ -705,7 +737,7 @@ class Trainer:
                 "test_set": self.setup.test_description,
                 "continuous": summary,
             }
-            (args.output_dir / TEST_BPD_NAME).write_text(json.dumps(result, indent=1))
+            (args.output_dir / TEST_BPD_NAME).write_text(dumps_strict_json(result))
             info = training_info(args, self.global_step, self.world, self.setup.test_description)
             info["test images"] = summary["num_images"]
             if "unconditional" in summary:
@@ -754,7 +786,15 @@ class Trainer:
         )
         self.prepared_objective.train()
         while self.global_step < args.max_train_steps:
-            logs = self.train_step()
+            try:
+                logs = self.train_step()
+            except NonFiniteError as error:
+                latest = find_latest_checkpoint(args.output_dir)
+                kept = f"the latest checkpoint stays {str(latest)!r}" if latest else "no checkpoint was written"
+                raise NonFiniteError(
+                    f"{error} Training stopped; nothing of this update is saved and {kept}. Resume from it with a "
+                    "smaller --learning_rate or --max_grad_norm, or check the data."
+                ) from None
             progress.update(1)
             progress.set_postfix(bpd=f"{logs['train/bpd']:.3f}", lr=f"{logs['train/lr']:.2e}")
             step = self.global_step

@@ -4,11 +4,17 @@ A checkpoint folder holds the raw weights of the trained module, their EMA, the 
 safetensors) and ``training_state.json`` (step, data position, seed, optimizer hyper-parameters, learning-rate
 schedule, EMA counters, grad scaler, the noise process). Nothing is pickled.
 
-Writing is atomic: the files go into ``checkpoint-N.tmp-<pid>``, a marker listing every file and its size is
-written last, everything is fsynced and the folder is renamed to ``checkpoint-N``. Only folders named
-``checkpoint-N`` whose marker matches their files count as checkpoints, so a crash at any moment never leaves a
-checkpoint that :func:`find_latest_checkpoint` picks. Deleting renames first, so a half-deleted folder never
+Writing is atomic: the files go into ``checkpoint-N.tmp-<pid>``, a marker listing every file with its size and
+its sha256 is written last, everything is fsynced and the folder is renamed to ``checkpoint-N``. Only folders
+named ``checkpoint-N`` whose marker matches their files count as checkpoints, so a crash at any moment never leaves
+a checkpoint that :func:`find_latest_checkpoint` picks. Deleting renames first, so a half-deleted folder never
 carries a checkpoint's name.
+
+Resuming trusts nothing: :func:`verify_checkpoint` checks every file against its checksum (any folder, also one
+downloaded from elsewhere), :func:`read_checkpoint_state` verifies before it parses, :func:`load_training_state`
+refuses non-finite tensors, and :func:`find_resumable_checkpoint` picks the newest checkpoint that passes, with the
+reason each newer one was skipped. Checkpoints written before the checksums (a marker with sizes only) are resumed
+with a warning: their sizes, safetensors headers, JSON and tensors are still checked, their bytes cannot be.
 
 Typical use in a training loop::
 
@@ -18,14 +24,15 @@ Typical use in a training loop::
     path = write_checkpoint(output_dir, step, write_files)
     prune_checkpoints(output_dir, limit=3)
     ...
-    latest = find_latest_checkpoint(output_dir)
-    state = read_checkpoint_state(latest)          # read once: check it, then restore from it
+    latest, state, skipped = find_resumable_checkpoint(output_dir)   # verified; state read once
     load_training_state(latest, state, model, ema, optimizer, lr_scheduler, None)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -36,20 +43,60 @@ from typing import Any
 import torch
 from torch import nn
 
+from .step import NonFiniteError, first_non_finite
+
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_MARKER = "checkpoint_complete.json"
-"""Written last into a checkpoint folder: its step and every file with its size."""
+"""Written last into a checkpoint folder: its step, every file with its size (``files``) and its sha256
+(``sha256``, hex)."""
 CHECKPOINT_FORMAT_VERSION = 1
 TRAINING_STATE_NAME = "training_state.json"
 MODEL_WEIGHTS_NAME = "model.safetensors"
 EMA_WEIGHTS_NAME = "ema.safetensors"
 OPTIMIZER_STATE_NAME = "optimizer.safetensors"
+SAFETENSORS_NAMES = (MODEL_WEIGHTS_NAME, EMA_WEIGHTS_NAME, OPTIMIZER_STATE_NAME)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that must not be resumed; the message names the folder or file and what is wrong with it."""
+
+
+def dumps_strict_json(value: Any) -> str:
+    """JSON text of ``value``; ``ValueError`` on a NaN or infinity (which JSON has no literal for)."""
+    return json.dumps(value, indent=1, allow_nan=False)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"it holds the non-JSON constant {name}")
+
+
+def loads_strict_json(text: str) -> Any:
+    """Parse JSON text, refusing the non-standard constants NaN, Infinity and -Infinity."""
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def sha256_of_file(path: Path) -> str:
+    """The hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def checkpoint_step(path: Path) -> int | None:
     """N for a folder named exactly ``checkpoint-N``, else None."""
     match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
     return int(match.group(1)) if match else None
+
+
+def checkpoint_leftover_pid(path: Path) -> int | None:
+    """The pid in the name of a leftover of a checkpoint write or deletion (``checkpoint-N.tmp-<pid>``,
+    ``checkpoint-N.old-<pid>``), else None."""
+    match = re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+\.(tmp|old)-(\d+)", path.name)
+    return int(match.group(2)) if match else None
 
 
 def is_complete_checkpoint(path: Path) -> bool:
@@ -83,6 +130,68 @@ def find_latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def verify_checkpoint(folder: Path) -> bool:
+    """Check every file of a checkpoint folder against its marker; the folder's name does not matter (a
+    ``checkpoint-N`` of a run, or a copy downloaded from elsewhere).
+
+    Returns:
+        True if the marker has checksums and every file matches its sha256; False for a checkpoint written before
+        the checksums, whose files match the recorded sizes (their bytes cannot be verified).
+
+    Raises:
+        CheckpointError: no or an invalid marker, a file listed in it missing, of another size, or with other
+            bytes than were written; the message names the file.
+    """
+    marker_path = folder / CHECKPOINT_MARKER
+    if not folder.exists():
+        raise CheckpointError(f"{str(folder)!r} does not exist.")
+    if not folder.is_dir():
+        raise CheckpointError(f"{str(folder)!r} is not a folder.")
+    if not marker_path.is_file():
+        raise CheckpointError(
+            f"{str(folder)!r} has no {CHECKPOINT_MARKER}: it is not a complete checkpoint (it may have been cut off "
+            "while being written)."
+        )
+    try:
+        marker = loads_strict_json(marker_path.read_text())
+        sizes = {str(name): int(size) for name, size in marker["files"].items()}
+        digests = marker.get("sha256")
+        if digests is not None and (not isinstance(digests, dict) or set(digests) != set(sizes)):
+            raise ValueError("its sha256 entries do not list the same files as its sizes")
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{marker_path} is not a valid checkpoint marker: {error}.") from None
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (the checkpoint's marker lists it).")
+        if path.stat().st_size != size:
+            raise CheckpointError(
+                f"{path} has {path.stat().st_size} bytes, the checkpoint's marker recorded {size} (truncated or "
+                "replaced)."
+            )
+        if digests is not None and sha256_of_file(path) != digests[name]:
+            raise CheckpointError(
+                f"{path} does not match its sha256 checksum: its bytes changed after the checkpoint was written."
+            )
+    return digests is not None
+
+
+def find_resumable_checkpoint(
+    output_dir: Path,
+) -> tuple[Path | None, dict[str, Any] | None, list[tuple[Path, CheckpointError]]]:
+    """The newest ``checkpoint-N`` of ``output_dir`` that passes :func:`read_checkpoint_state` (checksums, JSON,
+    format, safetensors headers), its state, and every newer ``checkpoint-N`` skipped with the reason, newest first.
+    (None, None, skipped) when no checkpoint passes."""
+    skipped = []
+    candidates = [(checkpoint_step(path), path) for path in output_dir.iterdir()] if output_dir.is_dir() else []
+    for _, path in sorted(((step, path) for step, path in candidates if step is not None), reverse=True):
+        try:
+            return path, read_checkpoint_state(path), skipped
+        except CheckpointError as error:
+            skipped.append((path, error))
+    return None, None, skipped
+
+
 def remove_partial_checkpoints(output_dir: Path) -> list[Path]:
     """Delete leftovers of interrupted checkpoint writes and deletions (``checkpoint-N.tmp-*``,
     ``checkpoint-N.old-*``); returns what was deleted."""
@@ -106,8 +215,8 @@ def _fsync_directory(path: Path) -> None:
 def write_checkpoint(output_dir: Path, step: int, write_files: Callable[[Path], None]) -> Path:
     """Write ``checkpoint-<step>`` atomically; returns its path.
 
-    ``write_files(folder)`` fills ``checkpoint-<step>.tmp-<pid>``; then the marker (listing every file and its
-    size) is written last, everything is fsynced, and the folder is renamed to ``checkpoint-<step>`` with
+    ``write_files(folder)`` fills ``checkpoint-<step>.tmp-<pid>``; then the marker (listing every file with its
+    size and sha256) is written last, everything is fsynced, and the folder is renamed to ``checkpoint-<step>`` with
     ``os.replace``. A crash at any point leaves either no ``checkpoint-<step>`` or a complete one (plus a
     temporary folder that :func:`find_latest_checkpoint` ignores and :func:`remove_partial_checkpoints`
     deletes).
@@ -119,10 +228,15 @@ def write_checkpoint(output_dir: Path, step: int, write_files: Callable[[Path], 
     temporary.mkdir(parents=True)
     write_files(temporary)
     files = {path.name: path.stat().st_size for path in sorted(temporary.iterdir()) if path.is_file()}
-    (temporary / CHECKPOINT_MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1))
-    for name in [*files, CHECKPOINT_MARKER]:
+    digests = {}
+    for name in files:
         with open(temporary / name, "rb") as handle:
             os.fsync(handle.fileno())
+        digests[name] = sha256_of_file(temporary / name)
+    marker = {"step": step, "files": files, "sha256": digests}
+    (temporary / CHECKPOINT_MARKER).write_text(dumps_strict_json(marker))
+    with open(temporary / CHECKPOINT_MARKER, "rb") as handle:
+        os.fsync(handle.fileno())
     _fsync_directory(temporary)
     if final.exists():
         _delete_checkpoint(final)
@@ -197,13 +311,16 @@ def save_training_state(
     from safetensors.torch import save_file
 
     names = [name for name, _ in model.named_parameters()]
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, folder / MODEL_WEIGHTS_NAME)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     ema_state = ema.state_dict()
     shadow = ema_state.pop("shadow_params")
-    save_file(
-        {name: tensor.detach().cpu().contiguous() for name, tensor in zip(names, shadow, strict=True)},
-        folder / EMA_WEIGHTS_NAME,
-    )
+    averages = {name: tensor.detach().cpu().contiguous() for name, tensor in zip(names, shadow, strict=True)}
+    for file_name, tensors in ((MODEL_WEIGHTS_NAME, weights), (EMA_WEIGHTS_NAME, averages)):
+        bad = first_non_finite(tensors)
+        if bad is not None:
+            raise NonFiniteError(f"Not writing a checkpoint: {bad!r} of its {file_name} holds non-finite values.")
+    save_file(weights, folder / MODEL_WEIGHTS_NAME)
+    save_file(averages, folder / EMA_WEIGHTS_NAME)
     optimizer_tensors, optimizer_meta = optimizer_state_to_files(optimizer.state_dict())
     save_file(optimizer_tensors, folder / OPTIMIZER_STATE_NAME)
     full_state = {
@@ -214,27 +331,61 @@ def save_training_state(
         "lr_scheduler": lr_scheduler.state_dict(),
         "grad_scaler": scaler.state_dict() if scaler is not None else None,
     }
-    (folder / TRAINING_STATE_NAME).write_text(json.dumps(full_state, indent=1))
+    (folder / TRAINING_STATE_NAME).write_text(dumps_strict_json(full_state))
 
 
 def read_checkpoint_state(folder: Path) -> dict[str, Any]:
-    """The ``training_state.json`` of a complete checkpoint of this format.
+    """The ``training_state.json`` of a checkpoint that passes :func:`verify_checkpoint`, of this format, whose
+    safetensors files have valid headers. A checkpoint written before the checksums is accepted with a warning.
 
     Raises:
-        ValueError: ``folder`` is not a complete checkpoint (no valid marker; it may have been cut off while
-            being written), or was written in another checkpoint format.
+        CheckpointError: ``folder`` fails verification (no valid marker, e.g. cut off while being written; a file
+            missing, truncated or changed), its state is no valid JSON object, it was written in another
+            checkpoint format, or a safetensors file's header is damaged. The message names the file.
     """
-    if not is_complete_checkpoint(folder):
-        raise ValueError(
-            f"{str(folder)!r} is not a complete checkpoint (it needs a valid {CHECKPOINT_MARKER}; it may have been "
-            "cut off while being written)."
+    from safetensors import safe_open
+
+    if not verify_checkpoint(folder):
+        logger.warning(
+            "%s was written before checkpoints carried checksums: its file sizes match, but its bytes cannot be "
+            "verified (its JSON, safetensors headers and tensors are still checked).",
+            folder,
         )
-    state = json.loads((folder / TRAINING_STATE_NAME).read_text())
+    state_path = folder / TRAINING_STATE_NAME
+    if not state_path.is_file():
+        raise CheckpointError(f"{state_path} is missing.")
+    try:
+        state = loads_strict_json(state_path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{state_path} is not valid JSON: {error}.") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_path} holds a {type(state).__name__}, not a JSON object.")
     if state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-        raise ValueError(
-            f"{folder} has checkpoint format {state.get('format_version')}, not {CHECKPOINT_FORMAT_VERSION}."
+        raise CheckpointError(
+            f"{state_path} has checkpoint format {state.get('format_version')}, not {CHECKPOINT_FORMAT_VERSION}."
         )
+    for name in SAFETENSORS_NAMES:
+        try:
+            with safe_open(folder / name, framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # safetensors raises its own SafetensorError, OSError, ...
+            raise CheckpointError(f"{folder / name} is no readable safetensors file: {error}.") from None
     return state
+
+
+def _load_finite(path: Path, device: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; ``CheckpointError`` naming the file if it cannot be read or holds a
+    non-finite value."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path, device=device)
+    except Exception as error:  # SafetensorError and friends: the message names the file instead of a traceback
+        raise CheckpointError(f"{path} is no readable safetensors file: {error}.") from None
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise CheckpointError(f"{path} holds non-finite values in {bad!r}: it cannot be resumed.")
+    return tensors
 
 
 def load_training_state(
@@ -252,20 +403,21 @@ def load_training_state(
 
     Raises:
         ValueError: the weights or the EMA are not those of ``model``.
+        CheckpointError: a safetensors file cannot be read or holds a non-finite value.
     """
-    from safetensors.torch import load_file
-
-    device = next(model.parameters()).device
+    device = str(next(model.parameters()).device)
+    weights = _load_finite(folder / MODEL_WEIGHTS_NAME, device)
+    shadow = _load_finite(folder / EMA_WEIGHTS_NAME, device)
+    optimizer_tensors = _load_finite(folder / OPTIMIZER_STATE_NAME, "cpu")
     try:
-        model.load_state_dict(load_file(folder / MODEL_WEIGHTS_NAME, device=str(device)))
+        model.load_state_dict(weights)
     except RuntimeError as error:
         raise ValueError(f"{folder} holds the weights of another model than the one being trained: {error}") from None
-    shadow = load_file(folder / EMA_WEIGHTS_NAME, device=str(device))
     names = [name for name, _ in model.named_parameters()]
     if sorted(shadow) != sorted(names):
         raise ValueError(f"{folder}/{EMA_WEIGHTS_NAME} does not hold this model's parameters.")
     ema.load_state_dict({**state["ema"], "shadow_params": [shadow[name] for name in names]})
-    optimizer.load_state_dict(optimizer_state_from_files(load_file(folder / OPTIMIZER_STATE_NAME), state["optimizer"]))
+    optimizer.load_state_dict(optimizer_state_from_files(optimizer_tensors, state["optimizer"]))
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if scaler is not None and state["grad_scaler"] is not None:
         scaler.load_state_dict(state["grad_scaler"])

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,18 @@ from .randomness import dropout_seed, step_randomness
 
 TERM_NAMES = ("bpd", "loss_recon", "loss_klz", "loss_diff")
 """The per-image terms of the objective that a step reports, in bits/dim."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN or an infinity (in the loss, the gradient or the weights); the message names where."""
+
+
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, else None."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
 
 
 @dataclass
@@ -94,6 +106,10 @@ class TrainingStep:
             instead of its label with this probability in [0, 1) (classifier-free guidance, as in Ho & Salimans
             2022: one network learns the conditional and the unconditional model). Needs networks with
             `null_class=True`; 0 trains on the labels only.
+
+    A non-finite loss, or a non-finite gradient norm without a grad scaler (with fp16's scaler such an update is
+    skipped and the scale lowered, by design), raises :class:`NonFiniteError` naming the update; the caller must
+    then not save the parameters, which the optimizer may already have moved.
     """
 
     def __init__(
@@ -162,6 +178,7 @@ class TrainingStep:
         rank, world = accelerator.process_index, accelerator.num_processes
         totals = torch.zeros(len(TERM_NAMES) + 1, dtype=torch.float64, device=device)
         grad_norm = torch.tensor(float("nan"))
+        synchronised = False
         for micro_step in range(accelerator.gradient_accumulation_steps):
             images, labels = self._images_and_labels(next(batches))
             images = images.to(device)
@@ -189,7 +206,7 @@ class TrainingStep:
                 accelerator.backward(terms.loss)
                 if accelerator.sync_gradients:
                     norms = [accelerator.clip_grad_norm_(group, self.max_grad_norm) for group in self._clip_groups]
-                    grad_norm = norms[0]
+                    grad_norm, synchronised = norms[0], True
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             sums = [terms[name].detach().double().sum() for name in TERM_NAMES]
@@ -199,7 +216,12 @@ class TrainingStep:
             self.ema.step(self.parameters)
         totals = accelerator.reduce(totals, reduction="sum")
         means = {name: (totals[index] / totals[-1]).item() for index, name in enumerate(TERM_NAMES)}
-        return TrainingStepOutput(**means, grad_norm=float(grad_norm), num_images=int(totals[-1].item()))
+        grad_norm = float(grad_norm)
+        if not math.isfinite(means["bpd"]):
+            raise NonFiniteError(f"Update {step + 1}: the loss is {means['bpd']} bits/dim (not finite).")
+        if synchronised and not math.isfinite(grad_norm) and accelerator.scaler is None:
+            raise NonFiniteError(f"Update {step + 1}: the gradient norm is {grad_norm} (not finite).")
+        return TrainingStepOutput(**means, grad_norm=grad_norm, num_images=int(totals[-1].item()))
 
     def _images_and_labels(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(images, labels) of one batch: labels are None for an unconditional objective, required otherwise."""
