@@ -129,9 +129,16 @@ def test_converted_paper_models_have_the_official_parameter_count(name):
 def test_paper_diffenc_32_4_encoder_layout():
     model = official_model("config_model_S3VA_fixed_-13_3_5_0_unet_32_unet_mult_res_4_m1_to_1.json:paper")
     assert model.encoder_config == {
-        "sample_size": 32, "in_channels": 3, "block_out_channels": [64, 128], "layers_per_block": 2,
-        "dropout": 0.1, "norm_num_groups": 32, "gamma_min": -13.3, "gamma_max": 5.0,
-        "norm_out_num_groups": 16, "mid_block_norm_num_groups": 32,
+        "sample_size": 32,
+        "in_channels": 3,
+        "block_out_channels": [64, 128],
+        "layers_per_block": 2,
+        "dropout": 0.1,
+        "norm_num_groups": 32,
+        "gamma_min": -13.3,
+        "gamma_max": 5.0,
+        "norm_out_num_groups": 16,
+        "mid_block_norm_num_groups": 32,
     }
     unet_2 = official_model("config_model_S3VA_fixed_-13_3_5_0_unet_8_unet_2_m1_to_1.json:paper")
     assert unet_2.encoder_config["layers_per_block"] == 1 and unet_2.encoder_config["mid_block_norm_num_groups"] == 16
@@ -161,11 +168,13 @@ def test_small_checkpoint_converts_with_the_official_layout(label, tmp_path):
     np.testing.assert_array_equal(
         unet["time_embedding.linear_1.weight"].numpy(), ema[f"{embedding}dense0/kernel"][:-1].T
     )
-    np.testing.assert_array_equal(unet["up_blocks.0.conv_shortcut.weight"].numpy()[:, :, 0, 0],
-                                  ema[f"{blocks}up.block_0/nin_shortcut/kernel"].T)
+    np.testing.assert_array_equal(
+        unet["up_blocks.0.conv_shortcut.weight"].numpy()[:, :, 0, 0], ema[f"{blocks}up.block_0/nin_shortcut/kernel"].T
+    )
     np.testing.assert_array_equal(unet["mid_attention.to_q.weight"].numpy(), ema[f"{blocks}mid.attn_1/q/kernel"].T)
-    np.testing.assert_array_equal(unet["down_blocks.1.cond_proj.weight"].numpy(),
-                                  ema[f"{blocks}down.block_1/cond_proj/kernel"].T)
+    np.testing.assert_array_equal(
+        unet["down_blocks.1.cond_proj.weight"].numpy(), ema[f"{blocks}down.block_1/cond_proj/kernel"].T
+    )
 
     scheduler = pipe.scheduler.config
     if result.model.learned_schedule:
@@ -180,12 +189,16 @@ def test_small_checkpoint_converts_with_the_official_layout(label, tmp_path):
         encoder = pipe.encoder.state_dict()
         prefix = "encdec/inner_encoder/enc_model/"
         # Flax's transposed convolution does not flip its kernel; PyTorch's does.
-        np.testing.assert_array_equal(encoder["up_blocks.0.upsample.weight"].numpy(),
-                                      ema[f"{prefix}up_blocks_0/conv_trans/kernel"][::-1, ::-1].transpose(2, 3, 0, 1))
+        np.testing.assert_array_equal(
+            encoder["up_blocks.0.upsample.weight"].numpy(),
+            ema[f"{prefix}up_blocks_0/conv_trans/kernel"][::-1, ::-1].transpose(2, 3, 0, 1),
+        )
         last = "up_0_resnet_block0" if "mult_res" in label else "up_0_resnet_block"
         levels = len(pipe.encoder.config.block_out_channels)
-        np.testing.assert_array_equal(encoder[f"up_blocks.{levels - 1}.resnets.0.conv1.weight"].numpy(),
-                                      ema[f"{prefix}up_blocks_{levels - 1}/{last}/conv1/kernel"].transpose(3, 2, 0, 1))
+        np.testing.assert_array_equal(
+            encoder[f"up_blocks.{levels - 1}.resnets.0.conv1.weight"].numpy(),
+            ema[f"{prefix}up_blocks_{levels - 1}/{last}/conv1/kernel"].transpose(3, 2, 0, 1),
+        )
 
     raw_pipe = convert_official_checkpoint(checkpoint, config, train_config, params="raw").pipeline
     np.testing.assert_array_equal(raw_pipe.unet.state_dict()["conv_out.bias"].numpy(), raw[f"{top}conv_out/bias"])
@@ -227,8 +240,19 @@ def test_cli_writes_the_folder_and_pushes_with_the_card(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(huggingface_hub, "create_commit", create_commit)
     out = tmp_path / "vdm-cifar10"
-    code = cli([str(tmp_path), "--config", str(config), "--output", str(out), "--push_to_hub", "org/vdm",
-                "--license", "apache-2.0"])
+    code = cli(
+        [
+            str(tmp_path),
+            "--config",
+            str(config),
+            "--output",
+            str(out),
+            "--push_to_hub",
+            "org/vdm",
+            "--license",
+            "apache-2.0",
+        ]
+    )
     assert code == 0 and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert uploads["repo_id"] == "org/vdm" and "README.md" in uploads["files"]
     assert "license: apache-2.0" in uploads["card"] and "google-research/vdm" in uploads["card"]

@@ -234,9 +234,7 @@ def test_unet_gradient_checkpointing_matches():
     assert calls.count("ResnetBlock") == 2 + 2 + 3
     assert calls.count("AttentionBlock") == 2 + 1 + 3
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
-    for (name, p_ref), (_, p_ckpt) in zip(
-        reference.named_parameters(), checkpointed.named_parameters(), strict=True
-    ):
+    for (name, p_ref), (_, p_ckpt) in zip(reference.named_parameters(), checkpointed.named_parameters(), strict=True):
         torch.testing.assert_close(p_ckpt.grad, p_ref.grad, msg=name)
 
     calls.clear()

@@ -23,6 +23,7 @@ import torch
 from conftest import write_conditional_preset, write_tiny_preset
 from PIL import Image
 from safetensors.torch import load_file
+from test_lock import dead_pid, write_lock
 
 from diffenc_diffusers import (
     DiffEncEncoderModel,
@@ -162,7 +163,7 @@ def test_sigkill_then_resume_ends_with_the_same_parameters(preset, base_run, tmp
     cut_off = output / "checkpoint-5"
     cut_off.mkdir()
     (cut_off / "model.safetensors").write_bytes(b"partial")
-    temporary = output / "checkpoint-5.tmp-123"
+    temporary = output / f"checkpoint-5.tmp-{dead_pid()}"
     temporary.mkdir()
     (temporary / CHECKPOINT_MARKER).write_text(json.dumps({"step": 5, "files": {}}))
 
@@ -219,6 +220,27 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(prese
     assert "the latest checkpoint stays" in result.stderr
     assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-1"]
     assert not (output / "model_index.json").exists() and not (output / "test_bpd.json").exists()
+
+
+def test_second_run_on_a_locked_output_dir_is_refused(preset, base_run, tmp_path, fresh_accelerator_state):
+    """A live run holds the lock: a second start fails before touching anything (the live run's temporary
+    checkpoint folder stays); explicitly resuming such a temporary folder is refused."""
+    output = tmp_path / "live"
+    shutil.copytree(base_run / "checkpoint-6", output / "checkpoint-6")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        write_lock(output, pid=live.pid)
+        in_flight = output / f"checkpoint-8.tmp-{live.pid}"
+        in_flight.mkdir()
+        resume = ["--preset", str(preset), "--output_dir", str(output), "--resume_from_checkpoint"]
+        with pytest.raises(RuntimeError, match=rf"in use by another training run: process {live.pid} on this host"):
+            train_diffenc.main([*resume, "latest", "--max_train_steps", "8", "--report_to", "none"])
+        assert in_flight.is_dir()
+        with pytest.raises(ValueError, match=r"checkpoint-8.tmp-\d+' is the temporary folder of a checkpoint"):
+            train_diffenc.main([*resume, str(in_flight)])
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_output_json_files_hold_no_bare_nan(base_run):
@@ -391,7 +413,7 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(
         ["--preset", str(preset), "--output_dir", str(tmp_path / "run"), "--mixed_precision", "bf16", "--cpu"]
     )
     with caplog.at_level("WARNING"):
-        train_diffenc.Trainer(args, train_diffenc.prepare(args))
+        train_diffenc.Trainer(args, train_diffenc.prepare(args)).close()
     assert ("oneDNN emulates bf16" in caplog.text) != native_bf16
 
 
@@ -401,6 +423,7 @@ def test_resume_with_another_batch_size_warns(preset, base_run, caplog, fresh_ac
     args = train_diffenc.parse_args(["--preset", str(preset), *resume, "--train_batch_size", str(batch_size)])
     with caplog.at_level("WARNING"):
         trainer = train_diffenc.Trainer(args, train_diffenc.prepare(args))
+    trainer.close()
     assert trainer.global_step == 6
     assert ("the checkpoint's run used 1 processes and a global micro-batch of 16" in caplog.text) == warned
 
@@ -422,6 +445,7 @@ def test_mixed_precision_defaults_to_the_launchers(
     flags = ["--preset", str(preset), "--output_dir", str(tmp_path / "run"), "--cpu", "--report_to", "none"]
     args = train_diffenc.parse_args([*flags, *(["--mixed_precision", flag] if flag else [])])
     trainer = train_diffenc.Trainer(args, train_diffenc.prepare(args))
+    trainer.close()
     assert trainer.accelerator.mixed_precision == expected and args.mixed_precision == expected
 
 
@@ -438,4 +462,5 @@ def test_resumed_run_reads_its_state_once(preset, base_run, monkeypatch, fresh_a
     resume = ["--output_dir", str(base_run), "--resume_from_checkpoint", "latest", "--cpu", "--report_to", "none"]
     args = train_diffenc.parse_args(["--preset", str(preset), *resume])
     trainer = train_diffenc.Trainer(args, train_diffenc.prepare(args))
+    trainer.close()
     assert trainer.global_step == 6 and len(reads) == 1

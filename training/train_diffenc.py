@@ -65,6 +65,7 @@ from diffenc_diffusers.training import (  # noqa: E402
     write_checkpoint,
 )
 from diffenc_diffusers.training.checkpointing import (  # noqa: E402
+    checkpoint_leftover_pid,
     complete_checkpoints,
     dumps_strict_json,
     find_latest_checkpoint,
@@ -80,6 +81,7 @@ from diffenc_diffusers.training.config import (  # noqa: E402
     read_training_config,
     unit_interval,
 )
+from diffenc_diffusers.training.lock import OutputFolderLock  # noqa: E402
 from diffenc_diffusers.training.step import TERM_NAMES  # noqa: E402
 
 logger = logging.getLogger("train_diffenc")
@@ -375,6 +377,12 @@ def choose_checkpoint(args: argparse.Namespace) -> tuple[Path | None, dict[str, 
         return folder, state
     if args.resume_from_checkpoint is not None:
         folder = Path(args.resume_from_checkpoint)
+        if checkpoint_leftover_pid(folder) is not None:
+            raise ValueError(
+                f"--resume_from_checkpoint {str(folder)!r} is the temporary folder of a checkpoint being written or "
+                "deleted (by a run that may still be going, or was cut off), never a checkpoint: resume a "
+                "checkpoint-N folder, or 'latest'."
+            )
         try:
             return folder, read_checkpoint_state(folder)
         except CheckpointError as error:
@@ -503,8 +511,9 @@ class Trainer:
                 "on an AVX2-only CPU, benchmarks/README.md). Use --mixed_precision no on this machine."
             )
         self.repo_id = None
+        # Only the main process writes into --output_dir, so only it holds the folder's lock (see close()).
+        self.lock = OutputFolderLock(args.output_dir).acquire() if accelerator.is_main_process else None
         if accelerator.is_main_process:
-            args.output_dir.mkdir(parents=True, exist_ok=True)
             for path in remove_partial_checkpoints(args.output_dir):
                 logger.info("Deleted %s, left by an interrupted checkpoint write.", path)
             if args.push_to_hub:
@@ -580,6 +589,11 @@ class Trainer:
             config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
             config.pop("hub_token")
             accelerator.init_trackers("train_diffenc", config=config)
+
+    def close(self) -> None:
+        """Release --output_dir's lock (main process); the run's outputs stay."""
+        if self.lock is not None:
+            self.lock.release()
 
     def resume(self, folder: Path, state: dict[str, Any]) -> None:
         """Restore weights, EMA, optimizer, schedule and data position from a checkpoint's files and state."""
@@ -816,7 +830,11 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_args(argv)
     setup = prepare(args)
-    Trainer(args, setup).run()
+    trainer = Trainer(args, setup)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
     return args.output_dir
 
 

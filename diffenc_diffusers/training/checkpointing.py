@@ -193,14 +193,22 @@ def find_resumable_checkpoint(
 
 
 def remove_partial_checkpoints(output_dir: Path) -> list[Path]:
-    """Delete leftovers of interrupted checkpoint writes and deletions (``checkpoint-N.tmp-*``,
-    ``checkpoint-N.old-*``); returns what was deleted."""
+    """Delete leftovers of interrupted checkpoint writes and deletions (``checkpoint-N.tmp-<pid>``,
+    ``checkpoint-N.old-<pid>``) of this process or of processes that no longer run on this host; a live
+    process' folder is left alone. Returns what was deleted."""
+    from .lock import process_is_alive
+
     removed = []
     if output_dir.is_dir():
-        for path in output_dir.iterdir():
-            if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+\.(tmp|old)-\d+", path.name) and path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
+        for path in sorted(output_dir.iterdir()):
+            pid = checkpoint_leftover_pid(path)
+            if pid is None or not path.is_dir():
+                continue
+            if pid != os.getpid() and process_is_alive(pid):
+                logger.info("Kept %s: process %d, which wrote it, still runs.", path, pid)
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     return removed
 
 
