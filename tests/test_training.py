@@ -449,6 +449,57 @@ def test_mixed_precision_defaults_to_the_launchers(
     assert trainer.accelerator.mixed_precision == expected and args.mixed_precision == expected
 
 
+def test_resume_applies_changed_flags_and_records_them(preset, base_run, tmp_path, caplog, fresh_accelerator_state):
+    """--learning_rate, --adam_beta2 and --ema_decay given at resume are applied (the checkpoint would bring back
+    its own), logged, recorded as a new segment in the next checkpoint and shown per segment in the model card."""
+    output = tmp_path / "changed"
+    shutil.copytree(base_run / "checkpoint-6", output / "checkpoint-6")
+    flags = ["--preset", str(preset), "--output_dir", str(output), "--resume_from_checkpoint", "latest", *FAST]
+    flags += ["--cpu", "--report_to", "none", "--max_train_steps", "7", "--validation_steps", "0"]
+    args = train_diffenc.parse_args([*flags, "--learning_rate", "0.005", "--adam_beta2", "0.9", "--ema_decay", "0.5"])
+    with caplog.at_level("WARNING"):
+        trainer = train_diffenc.Trainer(args, train_diffenc.prepare(args))
+    try:
+        # constant_with_warmup after its 2 warm-up steps: the factor is 1.
+        assert [group["lr"] for group in trainer.optimizer.param_groups] == [0.005, 0.005]
+        assert all(group["betas"] == (0.9, 0.9) for group in trainer.optimizer.param_groups)
+        assert trainer.ema.decay == 0.5
+        assert "--learning_rate 0.002 -> 0.005" in caplog.text and "--ema_decay 0.9 -> 0.5" in caplog.text
+        trainer.run()
+    finally:
+        trainer.close()
+    state = json.loads((output / "checkpoint-7" / "training_state.json").read_text())
+    assert [segment["from_step"] for segment in state["segments"]] == [0, 6]
+    assert state["segments"][1]["flags"]["learning_rate"] == 0.005
+    card = (output / "README.md").read_text()
+    assert "0.002 (steps 0-6), 0.005 (steps 6-7)" in card
+
+
+def test_resume_with_unchanged_flags_keeps_the_checkpoints_optimizer_exactly(preset, base_run, fresh_accelerator_state):
+    resume = ["--output_dir", str(base_run), "--resume_from_checkpoint", "latest", "--cpu", "--report_to", "none"]
+    trainer = train_diffenc.Trainer(
+        *(lambda a: (a, train_diffenc.prepare(a)))(train_diffenc.parse_args(["--preset", str(preset), *resume]))
+    )
+    trainer.close()
+    saved = json.loads((base_run / "checkpoint-6" / "training_state.json").read_text())
+    for group, saved_group in zip(trainer.optimizer.param_groups, saved["optimizer"]["param_groups"], strict=True):
+        assert group["lr"] == saved_group["lr"] and list(group["betas"]) == saved_group["betas"]
+    assert trainer.lr_scheduler.state_dict()["_last_lr"] == saved["lr_scheduler"]["_last_lr"]
+
+
+def test_resume_past_max_steps_or_a_batch_above_the_data_is_refused(preset, base_run, fresh_accelerator_state):
+    resume = ["--preset", str(preset), "--output_dir", str(base_run), "--resume_from_checkpoint", "latest"]
+    with pytest.raises(ValueError, match=r"--max_train_steps 4 is below .* at step 6 \(steps 6 -> 4\)"):
+        train_diffenc.main([*resume, "--max_train_steps", "4"])
+    args = train_diffenc.parse_args([*resume, "--train_batch_size", "5000", "--cpu", "--report_to", "none"])
+    with pytest.raises(
+        ValueError,
+        match=r"--train_batch_size 5000 x 1 process\(es\) = a global batch of 5000 .*"
+        r"more than the 1497 training images",
+    ):
+        train_diffenc.Trainer(args, train_diffenc.prepare(args))
+
+
 def test_resumed_run_reads_its_state_once(preset, base_run, monkeypatch, fresh_accelerator_state):
     reads = []
     read_text = Path.read_text

@@ -74,7 +74,11 @@ from diffenc_diffusers.training.checkpointing import (  # noqa: E402
 from diffenc_diffusers.training.config import (  # noqa: E402
     MIXED_PRECISION_CHOICES,
     TRAINING_CONFIG_FLAGS,
+    WEIGHT_FLAGS,
     bool_type,
+    changed_flags,
+    describe_segments,
+    extend_segments,
     non_negative_int,
     positive_float,
     positive_int,
@@ -349,6 +353,13 @@ def prepare(args: argparse.Namespace) -> Setup:
     train_labels, test_labels = check_class_conditioning(args, objective, train_set, test_set)
     if resume_dir is not None:
         check_resumed_run(resume_dir, resume_state, args, scheduler)
+        if resume_state["global_step"] > args.max_train_steps:
+            raise ValueError(
+                f"--max_train_steps {args.max_train_steps} is below the step of the checkpoint being resumed, "
+                f"{str(resume_dir)!r} at step {resume_state['global_step']} (steps {resume_state['global_step']} -> "
+                f"{args.max_train_steps}): pass --max_train_steps {resume_state['global_step']} or more (equal only "
+                "evaluates and saves the pipeline again)."
+            )
     return Setup(
         objective, shape, train_set, test_set, test_description, train_labels, test_labels, resume_dir, resume_state
     )
@@ -457,8 +468,29 @@ def check_resumed_run(folder: Path, state: dict[str, Any], args: argparse.Namesp
 # The run
 
 
-def training_info(args: argparse.Namespace, steps: int, world: int, test_set: str) -> dict[str, Any]:
-    """The training settings shown in the model card."""
+def weight_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """This run's values of the flags that shape the weights (:data:`WEIGHT_FLAGS`)."""
+    return {name: getattr(args, name) for name in WEIGHT_FLAGS}
+
+
+def apply_optimizer_flags(optimizer: torch.optim.Optimizer, lr_scheduler: Any, hyper_parameters: list[dict]) -> None:
+    """After a checkpoint's optimizer and schedule state are loaded, put back this run's hyper-parameters (betas,
+    eps, weight decay, base learning rate; ``hyper_parameters`` are the param groups' before loading) and set each
+    group's learning rate to base x the schedule's factor at the restored step: exactly the checkpoint's value
+    when the flags are the same, the new flags' value otherwise (warm-up, schedule kind and length are this run's
+    already, as the schedule's function is not stored)."""
+    lr_scheduler.base_lrs = [fresh["initial_lr"] for fresh in hyper_parameters]
+    for group, fresh, factor in zip(optimizer.param_groups, hyper_parameters, lr_scheduler.lr_lambdas, strict=True):
+        group.update({key: fresh[key] for key in ("betas", "eps", "weight_decay", "initial_lr")})
+        group["lr"] = fresh["initial_lr"] * factor(lr_scheduler.last_epoch)
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def training_info(
+    args: argparse.Namespace, steps: int, world: int, test_set: str, segments: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The training settings shown in the model card; a flag that a resumed run changed (``segments``, see
+    :func:`~diffenc_diffusers.training.config.describe_segments`) is shown with each value and its steps."""
     info = {name: getattr(args, name) for name in TRAINING_CONFIG_FLAGS}
     info.update(
         {
@@ -472,6 +504,7 @@ def training_info(args: argparse.Namespace, steps: int, world: int, test_set: st
             "weights": "EMA",
         }
     )
+    info.update(describe_segments(segments or [], steps))
     return info
 
 
@@ -504,6 +537,13 @@ class Trainer:
                 "(from the flag, the training config or accelerate's setting)."
             )
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.global_batch = args.train_batch_size * self.world
+        if self.global_batch > len(setup.train_set):
+            raise ValueError(
+                f"--train_batch_size {args.train_batch_size} x {self.world} process(es) = a global batch of "
+                f"{self.global_batch} images, more than the {len(setup.train_set)} training images: every batch "
+                f"would hold images twice. Use --train_batch_size {len(setup.train_set) // self.world} or less."
+            )
         if args.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16():
             logger.warning(
                 "--mixed_precision bf16 on a CPU without native bf16 instructions (AVX512-BF16 or AMX): oneDNN "
@@ -562,7 +602,7 @@ class Trainer:
         self.parameters = self.step.parameters
 
         self.global_step, self.images_seen = 0, 0
-        self.global_batch = args.train_batch_size * self.world
+        self.segments = extend_segments([], 0, weight_flags(args))
         if setup.resume_dir is not None:
             self.resume(setup.resume_dir, setup.resume_state)
 
@@ -596,25 +636,44 @@ class Trainer:
             self.lock.release()
 
     def resume(self, folder: Path, state: dict[str, Any]) -> None:
-        """Restore weights, EMA, optimizer, schedule and data position from a checkpoint's files and state."""
+        """Restore weights, EMA, optimizer, schedule and data position from a checkpoint's files and state, then
+        apply this run's optimizer, learning-rate and EMA flags (a checkpoint would otherwise bring back its own);
+        every flag that differs from the checkpoint's run is logged and recorded as a new segment."""
+        args = self.args
+        optimizer = self.optimizer.optimizer
+        hyper_parameters = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         load_training_state(
-            folder,
-            state,
-            self.objective,
-            self.ema,
-            self.optimizer.optimizer,
-            self.lr_scheduler,
-            self.accelerator.scaler,
+            folder, state, self.objective, self.ema, optimizer, self.lr_scheduler, self.accelerator.scaler
         )
         self.global_step, self.images_seen = state["global_step"], state["images_seen"]
+        apply_optimizer_flags(optimizer, self.lr_scheduler, hyper_parameters)
+        self.ema.decay = args.ema_decay
         logger.info("Resumed from %s at step %d (%d images seen).", folder, self.global_step, self.images_seen)
+        segments = state.get("segments")
+        if segments is None:
+            logger.warning(
+                "%s predates the record of its training flags: changed flags cannot be detected, and the model "
+                "card shows steps 0-%d as 'not recorded'.",
+                folder,
+                self.global_step,
+            )
+            segments = [{"from_step": 0, "flags": None}]
+        elif segments[-1]["flags"] != weight_flags(args):
+            logger.warning(
+                "Resuming %s with changed flags, applied from step %d on (the model card lists each value with its "
+                "steps): %s.",
+                folder.name,
+                self.global_step,
+                "; ".join(changed_flags(segments[-1]["flags"], weight_flags(args))),
+            )
+        self.segments = extend_segments(segments, self.global_step, weight_flags(args))
         if (state["global_batch"], state["num_processes"]) != (self.global_batch, self.world):
             logger.warning(
                 "Resuming with %d processes x %d images per micro-step; the checkpoint's run used %d processes "
                 "and a global micro-batch of %d. Training continues from the same data position, but not as "
                 "the original run would have.",
                 self.world,
-                self.args.train_batch_size,
+                args.train_batch_size,
                 state["num_processes"],
                 state["global_batch"],
             )
@@ -651,6 +710,7 @@ class Trainer:
                 "num_processes": self.world,
                 "preset": str(args.preset),
                 "scheduler_config": noise_process_config(self.setup.objective.scheduler),
+                "segments": self.segments,
             }
             path = write_checkpoint(
                 args.output_dir,
@@ -752,7 +812,7 @@ class Trainer:
                 "continuous": summary,
             }
             (args.output_dir / TEST_BPD_NAME).write_text(dumps_strict_json(result))
-            info = training_info(args, self.global_step, self.world, self.setup.test_description)
+            info = training_info(args, self.global_step, self.world, self.setup.test_description, self.segments)
             info["test images"] = summary["num_images"]
             if "unconditional" in summary:
                 info["test bits/dim of the null class, -log p(x)"] = round(summary["unconditional"]["bpd"], 4)

@@ -144,3 +144,49 @@ def read_training_config(folder: Path) -> dict[str, Any]:
         except (argparse.ArgumentTypeError, ValueError) as error:
             raise ValueError(f"{path}: {name!r} = {value!r} is invalid: {error}.") from None
     return checked
+
+
+WEIGHT_FLAGS = (
+    *(name for name in TRAINING_CONFIG_FLAGS if name not in ("eval_batch_size", "checkpointing_steps")),
+    "adam_epsilon",
+    "lr_scheduler",
+    "dropout",
+)
+"""The training flags that shape the weights: a checkpoint records their values per segment of steps (a segment
+starts where a resumed run changed one), and the model card shows each value with the steps it applied to."""
+
+
+def extend_segments(segments: list[dict[str, Any]], from_step: int, flags: dict[str, Any]) -> list[dict[str, Any]]:
+    """The segments ``[{"from_step": s, "flags": {...}}, ...]`` of a run resumed at ``from_step`` with ``flags``:
+    those before ``from_step`` and this run's (merged into the last one if its flags are the same)."""
+    kept = [segment for segment in segments if segment["from_step"] < from_step]
+    if kept and kept[-1]["flags"] == flags:
+        return kept
+    return [*kept, {"from_step": from_step, "flags": dict(flags)}]
+
+
+def changed_flags(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """``--name old -> new`` for each flag whose value differs."""
+    return [
+        f"--{name} {before.get(name)!r} -> {after.get(name)!r}"
+        for name in sorted(before.keys() | after.keys())
+        if before.get(name) != after.get(name)
+    ]
+
+
+def describe_segments(segments: list[dict[str, Any]], last_step: int) -> dict[str, str]:
+    """For each flag whose value changed between segments: its values with their steps, e.g.
+    ``{"learning_rate": "0.0002 (steps 0-30), 0.005 (steps 30-40)"}``; a segment recorded without flags (a
+    checkpoint of an earlier version) reads 'not recorded'."""
+    names = sorted({name for segment in segments for name in segment["flags"] or {}})
+    described = {}
+    for name in names:
+        values = [None if segment["flags"] is None else segment["flags"].get(name) for segment in segments]
+        if all(value == values[0] for value in values) and segments[0]["flags"] is not None:
+            continue
+        ends = [segment["from_step"] for segment in segments[1:]] + [last_step]
+        described[name] = ", ".join(
+            f"{'not recorded' if segment['flags'] is None else value} (steps {segment['from_step']}-{end})"
+            for segment, value, end in zip(segments, values, ends, strict=True)
+        )
+    return described
