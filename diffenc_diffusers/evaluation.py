@@ -603,6 +603,7 @@ def _check_positive(name: str, value: int | None, allow_none: bool = False) -> N
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run ``diffenc-evaluate``; returns the result dict that is also written to ``--output_json``."""
     from .data import check_labels, load_image_splits
+    from .training.config import check_writable
 
     args = build_parser().parse_args(argv)
     for name in ("repeats", "batch_size", "t_grid_points", "num_samples", "num_inference_steps"):
@@ -616,6 +617,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if not math.isfinite(args.guidance_scale):
         raise ValueError(f"`--guidance_scale` must be finite, got {args.guidance_scale}.")
+    if not 0.0 <= args.eta <= 1.0:
+        raise ValueError(f"`--eta` must be in [0, 1] (1: ancestral, 0: deterministic), got {args.eta}.")
+    if not 0.0 < args.holdout_fraction < 1.0:
+        raise ValueError(f"`--holdout_fraction` must be in (0, 1), got {args.holdout_fraction}.")
+    check_writable(Path(args.output_json), "--output_json", folder=False)
+    for name in ("sample_grid", "encoder_figure"):
+        if getattr(args, name) is not None:
+            check_writable(Path(getattr(args, name)), f"--{name}", folder=False)
 
     started = time.perf_counter()
     pipe = load_pipeline(args.pipeline, args.device)
@@ -629,18 +638,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     config = pipe.unet.config
     shape = (int(config.in_channels), int(config.sample_size), int(config.sample_size))
-    _, test, description = load_image_splits(
-        dataset_name=args.dataset,
-        data_dir=args.train_data_dir,
-        shape=shape,
-        image_column=args.image_column,
-        config_name=args.dataset_config_name,
-        cache_dir=args.cache_dir,
-        train_split=None,
-        test_split=args.split,
-        holdout_fraction=args.holdout_fraction,
-        label_column=args.label_column,
-    )
+    try:
+        _, test, description = load_image_splits(
+            dataset_name=args.dataset,
+            data_dir=args.train_data_dir,
+            shape=shape,
+            image_column=args.image_column,
+            config_name=args.dataset_config_name,
+            cache_dir=args.cache_dir,
+            train_split=None,
+            test_split=args.split,
+            holdout_fraction=args.holdout_fraction,
+            label_column=args.label_column,
+        )
+    except ValueError:
+        raise
+    except Exception as error:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
+        source = f"--dataset {args.dataset!r}" if args.dataset else f"--train_data_dir {args.train_data_dir!r}"
+        raise ValueError(
+            f"{source} could not be loaded ({type(error).__name__}: {error}). Accepted: a built-in dataset "
+            f"({', '.join(sorted(BUILTIN_DATASETS))}), a Hugging Face datasets name (downloaded, or in the cache "
+            "when offline) or an image folder (--train_data_dir)."
+        ) from error
     images = test.to_tensor()
     labels = None
     if num_classes is not None:

@@ -77,6 +77,7 @@ from diffenc_diffusers.training.config import (  # noqa: E402
     WEIGHT_FLAGS,
     bool_type,
     changed_flags,
+    check_writable,
     describe_segments,
     extend_segments,
     non_negative_int,
@@ -263,6 +264,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0.0 < args.holdout_fraction < 1.0:
         raise ValueError(f"--holdout_fraction must be in (0, 1), got {args.holdout_fraction}.")
     args.output_dir = Path(args.output_dir)
+    check_writable(args.output_dir, "--output_dir", folder=True)
     return args
 
 

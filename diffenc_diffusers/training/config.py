@@ -190,3 +190,27 @@ def describe_segments(segments: list[dict[str, Any]], last_step: int) -> dict[st
             for segment, value, end in zip(segments, values, ends, strict=True)
         )
     return described
+
+
+def check_writable(path: Path, flag: str, folder: bool) -> None:
+    """``ValueError`` naming ``flag`` unless ``path`` (a folder if ``folder``, else a file) can be created or
+    written: an existing path must be of that kind, and its nearest existing folder must accept a new file (tried
+    with a temporary file, which is deleted; nothing else is created)."""
+    import tempfile
+
+    kind = "a folder" if folder else "a file"
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f"{flag} {str(path)!r} must be {kind}, but it exists and is not.")
+    parent = path if folder and path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is a file, not a folder.")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"{flag} {str(path)!r} is not writable: creating a file in {str(parent)!r} fails ({error.strerror}). "
+            f"Choose {kind} in a writable location."
+        ) from None
