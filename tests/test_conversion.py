@@ -389,3 +389,60 @@ def test_msgpack_reader_decodes_chunked_arrays_and_scalars(tmp_path):
     np.testing.assert_array_equal(tree["a"], np.arange(6, dtype=np.float32).reshape(2, 3))
     assert tree["b"] == np.float32(1.5) and tree["c"]["0"] == 3 and tree["d"] == "text"
     assert math.isclose(float(tree["b"]), 1.5)
+
+
+# bemigini/DiffEnc's training pipeline: <output>/checkpoints/<date>_<model_name>_<step> (naming.get_file_prefix).
+OFFICIAL_RUN = "2023-05-02_S3VA_fixed_-13_3_5_0_v_unet_32_unet_mult_res_4_cifar10_128_adamw_0002"
+
+
+def test_folder_mode_finds_the_official_training_pipelines_checkpoints(tmp_path):
+    from diffenc_diffusers.conversion.convert import find_checkpoint_file
+
+    checkpoints = tmp_path / "output" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for step in (4000, 12000, 8000):
+        (checkpoints / f"{OFFICIAL_RUN}_{step}").write_bytes(b"x")
+    (checkpoints / f"{OFFICIAL_RUN}_tmp").write_bytes(b"x")  # flax's temporary file while it writes
+    newest = checkpoints / f"{OFFICIAL_RUN}_12000"
+    assert find_checkpoint_file(tmp_path / "output") == newest
+    assert find_checkpoint_file(checkpoints) == newest
+    (checkpoints / "2023-06-01_VDM2_V_fixed_-13_3_5_0_v_unet_32_simple_cifar10_128_adamw_0002_500").write_bytes(b"x")
+    with pytest.raises(ValueError, match="holds the checkpoints of 2 runs"):
+        find_checkpoint_file(checkpoints)
+
+
+def test_orbax_checkpoint_folders_get_the_orbax_message(tmp_path):
+    name = SMALL["VDM2_V"]
+    config, train_config = write_configs(tmp_path, name)
+    orbax = tmp_path / "output" / "checkpoints" / f"{OFFICIAL_RUN}_8000"
+    orbax.mkdir(parents=True)
+    (orbax / "_METADATA").write_text("{}")
+    for path in (tmp_path / "output", orbax):
+        with pytest.raises(IsADirectoryError, match="is an Orbax checkpoint folder, which is not supported"):
+            convert_official_checkpoint(path, config, train_config)
+
+
+def test_output_folder_is_written_whole_and_never_mixed(tmp_path, capsys):
+    name = SMALL["VDM"]
+    checkpoint = write_checkpoint(tmp_path / "ckpt-7.flax", random_params(name, 0))
+    config, _ = write_configs(tmp_path, name)
+    output = tmp_path / "converted"
+    output.mkdir()
+    (output / "old_experiment.safetensors").write_bytes(b"old")
+    arguments = [str(checkpoint), "--config", str(config), "--output", str(output)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli(arguments)
+    assert exit_info.value.code == 2
+    assert "is not empty; choose a new folder, or pass --overwrite" in capsys.readouterr().err
+    assert sorted(path.name for path in output.iterdir()) == ["old_experiment.safetensors"]
+
+    assert cli([*arguments, "--overwrite"]) == 0
+    assert not (output / "old_experiment.safetensors").exists()
+    assert (output / "model_index.json").is_file() and (output / "README.md").is_file()
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".")) == []
+    result = convert_official_checkpoint(checkpoint, config)
+    with pytest.raises(FileExistsError, match="is not empty"):
+        save_converted(result, output)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (save_converted(result, empty) / "unet" / "config.json").is_file()

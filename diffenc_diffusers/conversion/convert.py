@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,16 @@ PARAMETER_SETS = ("ema", "raw")
 """`params` choices: the EMA parameters (`ema_params`, what the official evaluation and sampling use) or the
 raw optimised ones (`params`)."""
 STATE_KEYS = {"ema": "ema_params", "raw": "params"}
-_CHECKPOINT_NAME = re.compile(r"^(?:.*?checkpoint_|ckpt-)(\d+)(?:\.flax)?$")
+_CHECKPOINT_NAMES = (
+    # bemigini/DiffEnc's training pipeline: checkpoints/<date>_<model_name>_<step> (naming.get_file_prefix)
+    re.compile(r"^(?P<prefix>\d{4}-\d{2}-\d{2}_.+_)(?P<step>\d+)$"),
+    # flax.training.checkpoints' default prefix: [<prefix>]checkpoint_<step>
+    re.compile(r"^(?P<prefix>.*checkpoint_)(?P<step>\d+)$"),
+    # clu's Checkpoint (google-research/vdm): ckpt-<n>.flax
+    re.compile(r"^(?P<prefix>ckpt-)(?P<step>\d+)\.flax$"),
+)
+ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "checkpoint", "default")
+"""Entries of an Orbax checkpoint folder (flax >= 0.7 with Orbax checkpointing writes folders, not files)."""
 
 
 @dataclass
@@ -82,22 +92,62 @@ class ConversionResult:
         return info
 
 
+def _checkpoint_name(name: str) -> tuple[str, int] | None:
+    """(prefix, step) of a checkpoint name the official code writes, else None."""
+    for pattern in _CHECKPOINT_NAMES:
+        match = pattern.match(name)
+        if match:
+            return match.group("prefix"), int(match.group("step"))
+    return None
+
+
+def _orbax_error(path: Path) -> IsADirectoryError:
+    return IsADirectoryError(
+        f"{str(path)!r} is an Orbax checkpoint folder, which is not supported: save with "
+        "flax.config.update('flax_use_orbax_checkpointing', False) (flax's msgpack file) or convert it to msgpack "
+        "first."
+    )
+
+
 def find_checkpoint_file(path: str | os.PathLike) -> Path:
-    """`path` itself if it is a file; in a folder, the checkpoint file with the highest step
-    (``<prefix>checkpoint_<step>`` of flax, ``ckpt-<n>.flax`` of clu)."""
+    """`path` itself if it is a file; in a folder (or its ``checkpoints/`` subfolder, where bemigini/DiffEnc's
+    training pipeline writes them), the checkpoint file with the highest step. Names as the official code writes
+    them: ``<date>_<model_name>_<step>`` (bemigini/DiffEnc), ``[<prefix>]checkpoint_<step>`` (flax's default) and
+    ``ckpt-<n>.flax`` (clu, google-research/vdm).
+
+    Raises:
+        FileNotFoundError: no checkpoint file in the folder.
+        IsADirectoryError: ``path`` is, or only holds, Orbax checkpoint folders (not supported).
+        ValueError: the folder holds checkpoints of several runs (different prefixes); pass the file.
+    """
     path = Path(path)
     if not path.is_dir():
         return path
-    candidates = []
-    for child in path.iterdir():
-        match = _CHECKPOINT_NAME.match(child.name)
-        if match and child.is_file():
-            candidates.append((int(match.group(1)), child))
-    if not candidates:
+    if any((path / marker).exists() for marker in ORBAX_MARKERS) and _checkpoint_name(path.name) is not None:
+        raise _orbax_error(path)
+    folders = [path, path / "checkpoints"] if (path / "checkpoints").is_dir() else [path]
+    files, orbax = [], []
+    for folder in folders:
+        for child in sorted(folder.iterdir()):
+            name = _checkpoint_name(child.name)
+            if name is None:
+                continue
+            (files if child.is_file() else orbax).append((name[1], name[0], child))
+    if not files and orbax:
+        raise _orbax_error(max(orbax)[2])
+    if not files:
         raise FileNotFoundError(
-            f"No checkpoint file (checkpoint_<step> or ckpt-<n>.flax) in the folder {str(path)!r}; pass the file."
+            f"No checkpoint file in the folder {str(path)!r} (nor in its checkpoints/): expected "
+            "<date>_<model_name>_<step> (bemigini/DiffEnc), checkpoint_<step> (flax) or ckpt-<n>.flax (clu); "
+            "pass the file."
         )
-    return max(candidates)[1]
+    prefixes = sorted({prefix for _, prefix, _ in files})
+    if len(prefixes) > 1:
+        raise ValueError(
+            f"The folder {str(path)!r} holds the checkpoints of {len(prefixes)} runs ({', '.join(prefixes)}); pass "
+            "the file to convert."
+        )
+    return max(files)[2]
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -185,9 +235,10 @@ def convert_official_checkpoint(
 
     Args:
         checkpoint (`str` or `os.PathLike`): The msgpack file that `flax.training.checkpoints.save_checkpoint`
-            (DiffEnc, ``<prefix>checkpoint_<step>``) or clu's `Checkpoint` (VDM, ``ckpt-<n>.flax``) wrote from
-            the official train state (step, params, ema_params, opt_state); or a folder holding such files (the
-            highest step is used).
+            (DiffEnc's training pipeline: ``checkpoints/<date>_<model_name>_<step>``) or clu's `Checkpoint`
+            (VDM, ``ckpt-<n>.flax``) wrote from the official train state (step, params, ema_params, opt_state); or
+            a folder holding such files, directly or in ``checkpoints/`` (the highest step is used; see
+            :func:`find_checkpoint_file`).
         config (`str` or `os.PathLike`): The official model config: DiffEnc's config_model_*.json, or a JSON of
             google-research/vdm's ``get_config().to_dict()``, or ``"vdm-cifar10"`` (configs/cifar10.py).
         train_config (`str` or `os.PathLike`, *optional*): DiffEnc's config_train_*.json (required for DiffEnc:
@@ -248,14 +299,50 @@ def convert_official_checkpoint(
     )
 
 
-def save_converted(result: ConversionResult, output_dir: str | os.PathLike, license_id: str | None = None) -> Path:
-    """Save the pipeline (safetensors + configs) and its model card (README.md, with the weights' source and
-    license) into `output_dir`."""
+def check_output_folder(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``output_dir`` as a Path; ``FileExistsError`` if it is a file, or a non-empty folder without
+    ``overwrite``."""
     output_dir = Path(output_dir)
-    result.pipeline.save_pretrained(output_dir)
-    name = output_dir.resolve().name
-    card = make_model_card(result.pipeline, name, provenance=result.model_card_info(license_id))
-    card.save(output_dir / MODEL_CARD_NAME)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"--output {str(output_dir)!r} is a file; expected a folder to write the pipeline into.")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"--output {str(output_dir)!r} is not empty; choose a new folder, or pass --overwrite to replace it "
+            "(its whole content, not only the files a pipeline has)."
+        )
+    return output_dir
+
+
+def save_converted(
+    result: ConversionResult, output_dir: str | os.PathLike, license_id: str | None = None, overwrite: bool = False
+) -> Path:
+    """Save the pipeline (safetensors + configs) and its model card (README.md, with the weights' source and
+    license) into `output_dir`.
+
+    Everything is written into a temporary sibling folder that then replaces `output_dir` (renamed into place), so
+    an interrupted save leaves no half-written pipeline and never mixes with old files. A non-empty `output_dir`
+    is refused (`FileExistsError`) unless `overwrite`, which replaces its whole content.
+    """
+    output_dir = check_output_folder(output_dir, overwrite)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    try:
+        result.pipeline.save_pretrained(temporary)
+        info = result.model_card_info(license_id)
+        card = make_model_card(result.pipeline, output_dir.resolve().name, provenance=info)
+        card.save(temporary / MODEL_CARD_NAME)
+        if output_dir.is_dir() and any(output_dir.iterdir()):
+            replaced = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+            os.replace(output_dir, replaced)
+            os.replace(temporary, output_dir)
+            shutil.rmtree(replaced)
+        else:
+            os.replace(temporary, output_dir)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary)
     return output_dir
 
 
@@ -273,7 +360,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
         f"or one of {sorted(BUILTIN_CONFIGS)}",
     )
     parser.add_argument("--train-config", help="DiffEnc only: the config_train_*.json the model was trained with")
-    parser.add_argument("--output", required=True, help="folder to write the pipeline into")
+    parser.add_argument("--output", required=True, help="folder to write the pipeline into (new or empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     parser.add_argument("--params", choices=PARAMETER_SETS, default="ema", help="EMA (default) or raw parameters")
     parser.add_argument("--push_to_hub", metavar="REPO", help="also upload the folder to this Hub model repository")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
@@ -281,10 +369,11 @@ def cli(argv: Sequence[str] | None = None) -> int:
                         "with a link to where they are published)")
     args = parser.parse_args(argv)
     try:
+        check_output_folder(args.output, args.overwrite)
         result = convert_official_checkpoint(args.checkpoint, args.config, args.train_config, args.params)
-    except (ValueError, FileNotFoundError, IsADirectoryError, ImportError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, ImportError) as error:
         parser.exit(2, f"diffenc-convert: error: {error}\n")
-    folder = save_converted(result, args.output, args.license_id)
+    folder = save_converted(result, args.output, args.license_id, overwrite=args.overwrite)
     inert = result.model.inert_parameters()
     print(
         f"Converted {result.model.model_type} ({result.params} parameters, step {result.step}) from "
