@@ -593,6 +593,39 @@ def non_finite_to_null(value: Any) -> Any:
     return value
 
 
+def load_data_flags(
+    args: argparse.Namespace, shape: tuple[int, int, int], train_split: str | None, test_split: str
+) -> tuple[Any, Any, str]:
+    """:func:`~diffenc_diffusers.data.load_image_splits` of the data flags that ``diffenc-evaluate`` and the
+    trainer share (--dataset or --train_data_dir, --dataset_config_name, --image_column, --label_column,
+    --cache_dir, --holdout_fraction). A failure of the datasets library (an unknown name offline:
+    ConnectionError, ...) becomes a ``ValueError`` naming the flag, its value and what is accepted."""
+    from .data import load_image_splits
+
+    try:
+        return load_image_splits(
+            dataset_name=args.dataset,
+            data_dir=args.train_data_dir,
+            shape=shape,
+            image_column=args.image_column,
+            config_name=args.dataset_config_name,
+            cache_dir=args.cache_dir,
+            train_split=train_split,
+            test_split=test_split,
+            holdout_fraction=args.holdout_fraction,
+            label_column=args.label_column,
+        )
+    except ValueError:
+        raise
+    except Exception as error:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
+        source = f"--dataset {args.dataset!r}" if args.dataset else f"--train_data_dir {args.train_data_dir!r}"
+        raise ValueError(
+            f"{source} could not be loaded ({type(error).__name__}: {error}). Accepted: a built-in dataset "
+            f"({', '.join(sorted(BUILTIN_DATASETS))}), a Hugging Face datasets name (downloaded, or in the cache "
+            "when offline) or an image folder (--train_data_dir)."
+        ) from error
+
+
 def _check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -602,7 +635,7 @@ def _check_positive(name: str, value: int | None, allow_none: bool = False) -> N
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run ``diffenc-evaluate``; returns the result dict that is also written to ``--output_json``."""
-    from .data import check_labels, load_image_splits
+    from .data import check_labels
     from .training.config import check_writable
 
     args = build_parser().parse_args(argv)
@@ -638,28 +671,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     config = pipe.unet.config
     shape = (int(config.in_channels), int(config.sample_size), int(config.sample_size))
-    try:
-        _, test, description = load_image_splits(
-            dataset_name=args.dataset,
-            data_dir=args.train_data_dir,
-            shape=shape,
-            image_column=args.image_column,
-            config_name=args.dataset_config_name,
-            cache_dir=args.cache_dir,
-            train_split=None,
-            test_split=args.split,
-            holdout_fraction=args.holdout_fraction,
-            label_column=args.label_column,
-        )
-    except ValueError:
-        raise
-    except Exception as error:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
-        source = f"--dataset {args.dataset!r}" if args.dataset else f"--train_data_dir {args.train_data_dir!r}"
-        raise ValueError(
-            f"{source} could not be loaded ({type(error).__name__}: {error}). Accepted: a built-in dataset "
-            f"({', '.join(sorted(BUILTIN_DATASETS))}), a Hugging Face datasets name (downloaded, or in the cache "
-            "when offline) or an image folder (--train_data_dir)."
-        ) from error
+    _, test, description = load_data_flags(args, shape, train_split=None, test_split=args.split)
     images = test.to_tensor()
     labels = None
     if num_classes is not None:

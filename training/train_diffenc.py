@@ -44,7 +44,6 @@ from diffenc_diffusers.data import (  # noqa: E402
     LabeledImageDataset,
     UInt8ImageDataset,
     check_labels,
-    load_image_splits,
 )
 from diffenc_diffusers.training import (  # noqa: E402
     CheckpointError,
@@ -307,24 +306,9 @@ def load_data(
     args: argparse.Namespace, shape: tuple[int, int, int]
 ) -> tuple[UInt8ImageDataset, UInt8ImageDataset, str]:
     """Train and test sets of uint8 images of ``shape``; ``ValueError`` if they cannot be loaded."""
-    try:
-        return load_image_splits(
-            dataset_name=args.dataset,
-            data_dir=args.train_data_dir,
-            shape=shape,
-            image_column=args.image_column,
-            config_name=args.dataset_config_name,
-            cache_dir=args.cache_dir,
-            train_split=args.train_split,
-            test_split=args.test_split,
-            holdout_fraction=args.holdout_fraction,
-            label_column=args.label_column,
-        )
-    except ValueError:
-        raise
-    except Exception as error:
-        source = f"--dataset {args.dataset!r}" if args.dataset else f"--train_data_dir {args.train_data_dir!r}"
-        raise ValueError(f"{source} could not be loaded: {type(error).__name__}: {error}") from error
+    from diffenc_diffusers.evaluation import load_data_flags
+
+    return load_data_flags(args, shape, train_split=args.train_split, test_split=args.test_split)
 
 
 @dataclass
