@@ -602,15 +602,26 @@ class ResnetBlock(nn.Module):
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
 
-    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        tangent: Tangent = None,
+        temb_tangent: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         r"""
         Args:
             hidden_states (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`).
             temb (`torch.Tensor` of shape `(batch_size, temb_channels)`): The gamma embedding.
+            tangent, temb_tangent (*optional*): With `temb_tangent` given, the block returns
+                [`~ResnetBlock.forward_and_tangent`] instead (through `forward`, so that a compiled block compiles
+                both).
 
         Returns:
-            `torch.Tensor` of shape `(batch_size, out_channels, height, width)`.
+            `torch.Tensor` of shape `(batch_size, out_channels, height, width)`, or the output and its tangent.
         """
+        if temb_tangent is not None:
+            return self.forward_and_tangent(hidden_states, tangent, temb, temb_tangent)
         h = self.conv1(self.norm1.forward_silu(hidden_states))
         h = h + self.cond_proj(temb)[:, :, None, None]
         h = self.conv2(self.dropout(self.norm2.forward_silu(h)))
@@ -703,14 +714,21 @@ class AttentionBlock(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, tangent: Tangent = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         r"""
         Args:
             hidden_states (`torch.Tensor` of shape `(batch_size, channels, height, width)`).
+            tangent (`torch.Tensor` of the same shape, *optional*): With it, the block returns
+                [`~AttentionBlock.forward_and_tangent`] instead (through `forward`, so that a compiled block compiles
+                both).
 
         Returns:
-            `torch.Tensor` of shape `(batch_size, channels, height, width)`.
+            `torch.Tensor` of shape `(batch_size, channels, height, width)`, or the output and its tangent.
         """
+        if tangent is not None:
+            return self.forward_and_tangent(hidden_states, tangent)
         batch_size, channels, height, width = hidden_states.shape
         head_dim = channels // self.num_heads
         tokens = self.norm(hidden_states).flatten(2).transpose(1, 2)

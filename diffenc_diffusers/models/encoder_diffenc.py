@@ -126,9 +126,7 @@ class EncoderDownBlock(nn.Module):
             `tuple`: (pooled output, its tangent) and (skip connection, its tangent).
         """
         for resnet in self.resnets:
-            hidden_states, tangent = _checkpointed(
-                self, resnet.forward_and_tangent, hidden_states, tangent, temb, temb_tangent
-            )
+            hidden_states, tangent = _checkpointed(self, resnet, hidden_states, temb, tangent, temb_tangent)
         return _max_pool_and_tangent(hidden_states, tangent), (hidden_states, tangent)
 
 
@@ -201,9 +199,7 @@ class EncoderUpBlock(nn.Module):
         hidden_states = torch.cat([upsampled, skip[0]], dim=1)
         tangent = torch.cat([upsampled_tangent, skip[1]], dim=1)
         for resnet in self.resnets:
-            hidden_states, tangent = _checkpointed(
-                self, resnet.forward_and_tangent, hidden_states, tangent, temb, temb_tangent
-            )
+            hidden_states, tangent = _checkpointed(self, resnet, hidden_states, temb, tangent, temb_tangent)
         return hidden_states, tangent
 
 
@@ -262,6 +258,7 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    _repeated_blocks = ("ResnetBlock", "AttentionBlock")
 
     @register_to_config
     def __init__(
@@ -480,9 +477,9 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
             (h, dh), skip = down_block.forward_and_tangent(h, dh, temb, temb_tangent)
             skips.append(skip)
 
-        h, dh = _checkpointed(self, self.mid_block_1.forward_and_tangent, h, dh, temb, temb_tangent)
-        h, dh = _checkpointed(self, self.mid_attention.forward_and_tangent, h, dh)
-        h, dh = _checkpointed(self, self.mid_block_2.forward_and_tangent, h, dh, temb, temb_tangent)
+        h, dh = _checkpointed(self, self.mid_block_1, h, temb, dh, temb_tangent)
+        h, dh = _checkpointed(self, self.mid_attention, h, dh)
+        h, dh = _checkpointed(self, self.mid_block_2, h, temb, dh, temb_tangent)
 
         for up_block in self.up_blocks:
             h, dh = up_block.forward_and_tangent(h, dh, skips.pop(), temb, temb_tangent)

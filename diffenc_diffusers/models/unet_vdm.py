@@ -80,6 +80,7 @@ class VDMUNetModel(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    _repeated_blocks = ("ResnetBlock", "AttentionBlock")
 
     @register_to_config
     def __init__(
