@@ -53,9 +53,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from diffenc_diffusers import DiffEncEncoderModel, DiffEncObjective, DiffEncPipeline, VDMScheduler, VDMUNetModel
+from diffenc_diffusers.training.throughput import bf16_matmul_tflops, count_flops
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIRS = {
@@ -305,28 +305,6 @@ def likelihood_function(
     return call, images.shape[0]
 
 
-def count_flops(function: Callable[[], object]) -> int:
-    """FLOPs of one call (torch.utils.flop_counter: matrix products and convolutions)."""
-    with FlopCounterMode(display=False) as counter:
-        function()
-    return counter.get_total_flops()
-
-
-def matmul_peak_tflops(device: torch.device, dry_run: bool) -> float:
-    """Measured bf16 matrix-product rate (n^3 products of random data, the mean of 10 after 3 warm-ups)."""
-    n = 256 if dry_run else 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    device_synchronize(device)
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    device_synchronize(device)
-    return 2 * n**3 * 10 / (time.perf_counter() - start) / 1e12
-
-
 def time_calls(function: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
     """First-call time, median and minimum of ``repeats`` timed calls after ``warmup`` more, and peak memory."""
     device_synchronize(device)
@@ -419,7 +397,7 @@ def main() -> None:
     torch._dynamo.config.cache_size_limit = 64
     default_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
 
-    peak_tflops = matmul_peak_tflops(device, dry)
+    peak_tflops = bf16_matmul_tflops(device, size=256 if dry else 8192)
     payload: dict[str, Any] = {
         "environment": {
             "torch": torch.__version__,

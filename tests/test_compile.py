@@ -1,7 +1,9 @@
 """torch.compile of the networks: the regional compilation of the repeated blocks (diffusers'
-``compile_repeated_blocks``) compiles the encoder's forward-mode pass too, with the eager results.
+``compile_repeated_blocks``) traces every block in one graph (``fullgraph=True``: no graph break), the encoder's
+forward-mode pass included, and gives the eager results. The ``aot_eager`` backend traces forward and backward as
+inductor would but runs the traced graphs eagerly, which keeps the test free of C++ compilation.
 
-Slow (inductor compiles C++ kernels on CPU); run with ``-m slow``.
+Slow (tracing takes a minute or more on 2 cores); run with ``-m slow``.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ def test_regionally_compiled_trainable_objective_equals_eager():
         return [output.bpd.detach(), *(param.grad.clone() for param in objective.parameters())]
 
     eager = step()
-    unet.compile_repeated_blocks()
-    encoder.compile_repeated_blocks()
+    unet.compile_repeated_blocks(backend="aot_eager", fullgraph=True)
+    encoder.compile_repeated_blocks(backend="aot_eager", fullgraph=True)
     compiled = step()
     for actual, expected in zip(compiled, eager, strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
