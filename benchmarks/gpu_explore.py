@@ -394,7 +394,7 @@ def main() -> None:
     sampling_steps = args.sampling_steps or (2 if dry else 10)
     specs = [Spec.parse(name) for name in args.variants]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.cache_size_limit = 64  # recompile_limit's older name, which newer torch keeps
     default_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
 
     peak_tflops = bf16_matmul_tflops(device, size=256 if dry else 8192)

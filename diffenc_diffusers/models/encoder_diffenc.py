@@ -15,6 +15,7 @@ from .blocks import (
     AttentionBlock,
     ForwardADConv2d,
     ForwardADConvTranspose2d,
+    RegionalCompilationMixin,
     ResnetBlock,
     Tangent,
     UpcastGroupNorm,
@@ -203,7 +204,7 @@ class EncoderUpBlock(nn.Module):
         return hidden_states, tangent
 
 
-class DiffEncEncoderModel(ModelMixin, ConfigMixin):
+class DiffEncEncoderModel(RegionalCompilationMixin, ModelMixin, ConfigMixin):
     r"""
     The DiffEnc encoder network ``y_phi(x, gamma) = tanh(h)``, with ``h`` a small multi-resolution U-Net
     conditioned on gamma (= -log SNR). The trainable DiffEnc encoding is
@@ -258,7 +259,6 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
-    _repeated_blocks = ("ResnetBlock", "AttentionBlock")
 
     @register_to_config
     def __init__(
@@ -356,7 +356,7 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
             ClassEmbedding(num_class_embeds, temb_channels, null_class) if num_class_embeds is not None else None
         )
         self.gradient_checkpointing = False
-        self.tangent_mode = "explicit"
+        self.set_tangent_mode("explicit")
 
     def set_tangent_mode(self, mode: str) -> None:
         r"""
@@ -366,8 +366,9 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
 
         - `"explicit"` (default): [`~DiffEncEncoderModel.forward_and_tangent`], which computes the output and its
           tangent with plain operations, so that reverse mode runs through both, `torch.compile` traces it and
-          gradient checkpointing applies. Used only when gamma alone carries the tangent; a tangent on `sample` or
-          on a parameter falls back to `"autograd"`.
+          gradient checkpointing applies. Used when gamma alone carries the tangent; any other forward-mode use
+          (a tangent on `sample` or on a parameter, `torch.func.jvp`) gets PyTorch's own formulas, and the plain
+          forward pass uses no custom autograd function (it traces without graph breaks).
         - `"autograd"`: PyTorch's forward-mode AD through the network, with the hand-written rules of the
           GroupNorms and convolutions (`torch.compile` breaks the graph at each of them; gradient checkpointing is
           not applied to a forward-mode pass).
@@ -378,6 +379,9 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
         if mode not in TANGENT_MODES:
             raise ValueError(f"`mode` must be one of {list(TANGENT_MODES)}; got {mode!r}.")
         self.tangent_mode = mode
+        for module in self.modules():
+            if isinstance(module, (UpcastGroupNorm, ForwardADConv2d, ForwardADConvTranspose2d)):
+                module.use_custom_jvp = mode == "autograd"
 
     @property
     def downsample_factor(self) -> int:
