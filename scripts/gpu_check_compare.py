@@ -25,16 +25,10 @@ import torch
 
 from diffenc_diffusers import DiffEncEncoderModel, DiffEncObjective, DiffEncPipeline, VDMScheduler, VDMUNetModel
 
-PRESET = Path(__file__).resolve().parents[1] / "pipelines" / "cifar10-diffenc-32-4"
-DRY_UNET = {"hidden_channels": 32, "num_layers": 2, "norm_num_groups": 8, "sample_size": 16}
-DRY_ENCODER = {
-    "block_out_channels": [8, 16],
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "norm_out_num_groups": 8,
-    "mid_block_norm_num_groups": 8,
-    "sample_size": 16,
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from gpu_explore import DRY_RUN_ENCODER, DRY_RUN_UNET, PRESET_DIRS
+
+PRESET = PRESET_DIRS["trainable"]
 
 
 def relative_difference(cpu: torch.Tensor, cuda: torch.Tensor) -> float:
@@ -47,10 +41,10 @@ def relative_difference(cpu: torch.Tensor, cuda: torch.Tensor) -> float:
 def networks(dry_run: bool) -> tuple[VDMUNetModel, DiffEncEncoderModel, VDMScheduler]:
     torch.manual_seed(0)
     unet = VDMUNetModel.from_config(
-        VDMUNetModel.load_config(PRESET / "unet"), dropout=0.0, **(DRY_UNET if dry_run else {})
+        VDMUNetModel.load_config(PRESET / "unet"), dropout=0.0, **(DRY_RUN_UNET if dry_run else {})
     )
     encoder = DiffEncEncoderModel.from_config(
-        DiffEncEncoderModel.load_config(PRESET / "encoder"), dropout=0.0, **(DRY_ENCODER if dry_run else {})
+        DiffEncEncoderModel.load_config(PRESET / "encoder"), dropout=0.0, **(DRY_RUN_ENCODER if dry_run else {})
     )
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
