@@ -15,8 +15,9 @@ Options a variant combines (``+`` in its name):
 - ``tf32``: TF32 for fp32 matrix products and convolutions (``torch.backends.*.allow_tf32``);
 - ``ckpt``: ``enable_gradient_checkpointing()`` of every network that supports it;
 - ``fusedadam``: ``AdamW(fused=True)``;
-- ``cunet``: ``unet.compile()``; ``cenc``: ``torch.compile`` of ``encoder.forward_and_tangent`` (its whole
-  forward-mode pass; ``encoder.compile()`` where there is none); ``cobj``: ``torch.compile`` of the objective;
+- ``cunet`` / ``cenc``: regional compilation of the denoiser / encoder (diffusers' ``compile_repeated_blocks``: each
+  ResNet and attention block class compiled once, the encoder's forward-mode path included); ``cunetfull``:
+  ``unet.compile()`` of the whole denoiser; ``cobj``: ``torch.compile`` of the objective;
 - ``tangent=NAME``: the encoder's forward-mode derivative implementation, where the library offers a choice
   (``DiffEncEncoderModel.set_tangent_mode``); the variant is recorded as unsupported otherwise.
 
@@ -52,10 +53,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from diffenc_diffusers import DiffEncEncoderModel, DiffEncObjective, DiffEncPipeline, VDMScheduler, VDMUNetModel
 from diffenc_diffusers.presets import resolve_preset
+from diffenc_diffusers.training.throughput import bf16_matmul_tflops, count_flops
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIRS = {
@@ -99,13 +100,17 @@ VARIANTS = [
     "trainable/bf16+cenc",
     "forward/bf16w+cl+cunet",
     "step/bf16w+cl+cunet",
+    "likelihood/bf16w",
+    "likelihood/fp32",
     "vdm/bf16+cobj",
 ]
 """Default variants, in the order they run: ``kind/dtype[+option...]``. Training kinds: ``vdm``, ``trainable``
 (dtype ``bf16`` autocast or ``fp32``). Sampling kinds: ``forward`` (bare denoiser) or ``step`` (pipeline step), dtype
-``bf16w`` (bf16 weights) or ``autocast`` (fp32 weights); both run under bf16 autocast, as the pipeline does."""
+``bf16w`` (bf16 weights) or ``autocast`` (fp32 weights); both run under bf16 autocast, as the pipeline does.
+``likelihood``: ``pipe.bits_per_dim`` of the trainable DiffEnc over 4 batches (``bf16w`` or ``fp32``); its "ms" is
+per batch."""
 
-OPTIONS = {"cl", "tf32", "ckpt", "fusedadam", "cunet", "cenc", "cobj"}
+OPTIONS = {"cl", "tf32", "ckpt", "fusedadam", "cunet", "cunetfull", "cenc", "cobj"}
 
 
 class VariantTimeout(Exception):
@@ -143,10 +148,12 @@ class Spec:
     def parse(cls, name: str) -> Spec:
         kind, _, rest = name.partition("/")
         dtype, *options = rest.split("+")
-        dtypes = ("bf16", "fp32") if kind in PRESET_DIRS else ("bf16w", "autocast")
-        if kind not in (*PRESET_DIRS, "forward", "step") or dtype not in dtypes:
+        dtypes = {"vdm": ("bf16", "fp32"), "trainable": ("bf16", "fp32"), "forward": ("bf16w", "autocast")}
+        dtypes.update(step=dtypes["forward"], likelihood=("bf16w", "fp32"))
+        if dtype not in dtypes.get(kind, ()):
             raise ValueError(
-                f"variant {name!r}: expected vdm|trainable/bf16|fp32 or forward|step/bf16w|autocast, then +options"
+                f"variant {name!r}: expected vdm|trainable/bf16|fp32, forward|step/bf16w|autocast or "
+                "likelihood/bf16w|fp32, then +options"
             )
         spec = cls(name, kind, dtype)
         for option in options:
@@ -200,17 +207,19 @@ def apply_network_options(spec: Spec, unet: torch.nn.Module, encoder: torch.nn.M
         if encoder is None or not hasattr(encoder, "set_tangent_mode"):
             raise Unsupported(f"tangent={spec.tangent}: this library has no DiffEncEncoderModel.set_tangent_mode")
         encoder.set_tangent_mode(spec.tangent)
-    if "cunet" in spec.options:
-        unet.compile()
-    if "cenc" in spec.options:
-        if encoder is None:
-            raise Unsupported("cenc: this kind has no encoder")
-        # The objective calls the encoder with a forward-mode dual gamma; in tangent mode "explicit" that goes to
-        # `forward_and_tangent`, which is what can be compiled (the dual-tensor wrapper stays eager).
-        if hasattr(encoder, "forward_and_tangent"):
-            encoder.forward_and_tangent = torch.compile(encoder.forward_and_tangent)
+    for option, network in (("cunet", unet), ("cenc", encoder)):
+        if option not in spec.options:
+            continue
+        if network is None:
+            raise Unsupported(f"{option}: this kind has no encoder")
+        # Regional compilation: each repeated block class is compiled once and reused by all its instances (the
+        # encoder's blocks compile their forward-mode path too); the whole 32-block denoiser took over 60 s.
+        if getattr(network, "_repeated_blocks", None):
+            network.compile_repeated_blocks()
         else:
-            encoder.compile()
+            network.compile()
+    if "cunetfull" in spec.options:
+        unet.compile()
 
 
 def uint8_batch(batch: int, size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -279,26 +288,22 @@ def sampling_function(spec: Spec, device: torch.device, batch: int, size: int, d
     return sample_call
 
 
-def count_flops(function: Callable[[], object]) -> int:
-    """FLOPs of one call (torch.utils.flop_counter: matrix products and convolutions)."""
-    with FlopCounterMode(display=False) as counter:
-        function()
-    return counter.get_total_flops()
+def likelihood_function(
+    spec: Spec, device: torch.device, batch: int, size: int, dry_run: bool
+) -> tuple[Callable, int]:
+    """``pipe.bits_per_dim`` of the trainable DiffEnc over 4 batches (bf16 weights or fp32), and the image count."""
+    unet, encoder, scheduler = load_networks("trainable", dry_run)
+    apply_network_options(spec, unet, encoder)
+    pipe = DiffEncPipeline(unet=unet, scheduler=scheduler, encoder=encoder)
+    pipe.to(device=device, dtype=torch.bfloat16 if spec.dtype == "bf16w" else torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    images = uint8_batch(4 * batch, size, device, "cl" in spec.options)
 
+    def call() -> torch.Tensor:
+        generator = torch.Generator(device).manual_seed(0)
+        return pipe.bits_per_dim(images, batch_size=batch, generator=generator).bpd
 
-def matmul_peak_tflops(device: torch.device, dry_run: bool) -> float:
-    """Measured bf16 matrix-product rate (n^3 products of random data, the mean of 10 after 3 warm-ups)."""
-    n = 256 if dry_run else 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    device_synchronize(device)
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    device_synchronize(device)
-    return 2 * n**3 * 10 / (time.perf_counter() - start) / 1e12
+    return call, images.shape[0]
 
 
 def time_calls(function: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
@@ -390,10 +395,10 @@ def main() -> None:
     sampling_steps = args.sampling_steps or (2 if dry else 10)
     specs = [Spec.parse(name) for name in args.variants]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.cache_size_limit = 64  # recompile_limit's older name, which newer torch keeps
     default_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
 
-    peak_tflops = matmul_peak_tflops(device, dry)
+    peak_tflops = bf16_matmul_tflops(device, size=256 if dry else 8192)
     payload: dict[str, Any] = {
         "environment": {
             "torch": torch.__version__,
@@ -415,7 +420,7 @@ def main() -> None:
 
     for spec in specs:
         training = spec.kind in PRESET_DIRS
-        compiles = bool({"cunet", "cenc", "cobj"} & spec.options)
+        compiles = bool({"cunet", "cunetfull", "cenc", "cobj"} & spec.options)
         limit = args.compile_seconds if compiles else args.variant_seconds
         left = args.total_seconds - (time.perf_counter() - started)
         record: dict[str, Any] = {"variant": spec.name, "status": "ok", "limit_s": limit}
@@ -438,6 +443,11 @@ def main() -> None:
                         result = time_calls(function, device, warmup, repeats)
                         record["loss"] = result.pop("first_value")
                         per_call, flops = result["median_s"], payload["flops_per_step"].get(spec.kind)
+                    elif spec.kind == "likelihood":
+                        function, num_images = likelihood_function(spec, device, batch, size, dry)
+                        result = time_calls(function, device, warmup, repeats)
+                        result.pop("first_value")
+                        per_call, flops = result["median_s"] * batch / num_images, None
                     else:
                         function = sampling_function(spec, device, batch, size, dry, sampling_steps)
                         result = time_calls(function, device, warmup, repeats)

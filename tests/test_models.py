@@ -374,3 +374,98 @@ def test_bad_unet_config_raises(overrides, error, match):
 def test_bad_encoder_config_raises(overrides, error, match):
     with pytest.raises(error, match=match):
         make_encoder(**overrides)
+
+
+# --------------------------------------------------------------------------------------------- tangent modes
+
+
+def forward_ad_y_dy(encoder: DiffEncEncoderModel, sample: torch.Tensor, gamma: torch.Tensor, **kwargs):
+    """y and dy/dgamma the way the objective gets them: forward-mode AD with tangent 1 on gamma."""
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(gamma, torch.ones_like(gamma))
+        return torch.autograd.forward_ad.unpack_dual(encoder(sample, dual, **kwargs).sample)
+
+
+def encoder_training_signal(encoder: DiffEncEncoderModel, mode: str, sample, gamma, **kwargs) -> list[torch.Tensor]:
+    """y, dy/dgamma and the parameter gradients of a loss of both, in tangent mode ``mode``."""
+    encoder.set_tangent_mode(mode)
+    encoder.zero_grad(set_to_none=True)
+    y, dy = forward_ad_y_dy(encoder, sample, gamma, **kwargs)
+    (y.square().sum() + (y * dy).sum() + dy.square().sum()).backward()
+    return [y.detach(), dy.detach(), *(param.grad.clone() for param in encoder.parameters())]
+
+
+@pytest.mark.parametrize("class_conditional", [False, True])
+def test_explicit_tangent_mode_equals_forward_mode_autograd(class_conditional):
+    """`forward_and_tangent` (the default "explicit" mode) against PyTorch's forward-mode AD through the network with
+    the hand-written GroupNorm and convolution rules: the same y, dy/dgamma and gradients through both, in float64 up
+    to summation order (the two compute the same sums in different orders)."""
+    encoder = perturb(make_encoder(dropout=0.0, num_class_embeds=3 if class_conditional else None)).double()
+    sample, gamma = data(dtype=torch.float64), torch.tensor([-4.0, 1.5], dtype=torch.float64)
+    labels = {"class_labels": torch.tensor([0, 2])} if class_conditional else {}
+    explicit = encoder_training_signal(encoder, "explicit", sample, gamma, **labels)
+    autograd = encoder_training_signal(encoder, "autograd", sample, gamma, **labels)
+    assert torch.equal(explicit[0], autograd[0])
+    for actual, expected in zip(explicit[1:], autograd[1:], strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9 * explicit[1].abs().max().item())
+
+
+def test_forward_and_tangent_equals_jvp_and_the_forward():
+    encoder = perturb(make_encoder(dropout=0.0)).double().eval()
+    sample, gamma = data(dtype=torch.float64), torch.tensor([-4.0, 1.5], dtype=torch.float64)
+    y, dy = encoder.forward_and_tangent(sample, gamma, torch.tensor([1.0, -2.0], dtype=torch.float64))
+    encoder.set_tangent_mode("autograd")
+    y_ref, dy_ref = torch.func.jvp(lambda g: encoder(sample, g).sample, (gamma,), (torch.tensor([1.0, -2.0]).double(),))
+    assert torch.equal(y, encoder(sample, gamma).sample)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(dy, dy_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_explicit_mode_under_bf16_autocast_matches_autograd_mode():
+    encoder = perturb(make_encoder(dropout=0.0))
+    sample, gamma = data(), torch.tensor([-4.0, 1.5])
+    results = []
+    for mode in ("explicit", "autograd"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(encoder_training_signal(encoder, mode, sample, gamma))
+    scale = max(tensor.float().norm() for tensor in results[1])
+    for actual, expected in zip(*results, strict=True):
+        assert actual.dtype == expected.dtype
+        # bf16 operands: the two orders of summation differ by a few roundings of 2^-8 of the terms summed, which
+        # for a gradient that is mathematically zero (a bias before a GroupNorm) are of the size of the others.
+        bound = 5e-2 * max(expected.float().norm(), scale / 10)
+        assert (actual.float() - expected.float()).norm() <= bound
+
+
+def test_explicit_mode_with_gradient_checkpointing_and_dropout():
+    """Checkpointed blocks recompute the same dropout masks (the checkpoint restores the RNG state): the same values
+    and gradients as without checkpointing, from the same seed."""
+    encoder = perturb(make_encoder(dropout=0.3)).double().train()
+    sample, gamma = data(dtype=torch.float64), torch.tensor([-4.0, 1.5], dtype=torch.float64)
+    torch.manual_seed(5)
+    plain = encoder_training_signal(encoder, "explicit", sample, gamma)
+    encoder.enable_gradient_checkpointing()
+    torch.manual_seed(5)
+    checkpointed = encoder_training_signal(encoder, "explicit", sample, gamma)
+    for actual, expected in zip(checkpointed, plain, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    encoder.disable_gradient_checkpointing()
+
+
+def test_explicit_mode_falls_back_when_the_sample_has_a_tangent():
+    """A tangent on the sample (not only on gamma) is beyond `forward_and_tangent`: forward-mode AD with PyTorch's own
+    formulas handles it, and agrees with the hand-written ones of the "autograd" mode."""
+    encoder = perturb(make_encoder(dropout=0.0)).double()
+    sample, gamma = data(dtype=torch.float64), torch.tensor([-4.0, 1.5], dtype=torch.float64)
+    sample_tangent = torch.randn_like(sample)
+    tangents = []
+    for mode in ("explicit", "autograd"):
+        encoder.set_tangent_mode(mode)
+        with torch.autograd.forward_ad.dual_level():
+            dual_sample = torch.autograd.forward_ad.make_dual(sample, sample_tangent)
+            dual_gamma = torch.autograd.forward_ad.make_dual(gamma, torch.ones_like(gamma))
+            tangents.append(torch.autograd.forward_ad.unpack_dual(encoder(dual_sample, dual_gamma).sample).tangent)
+    # PyTorch's forward-mode formulas against the hand-written ones: the same sums in another order.
+    torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        encoder.set_tangent_mode("fast")

@@ -87,6 +87,7 @@ from diffenc_diffusers.training.config import (  # noqa: E402
 )
 from diffenc_diffusers.training.lock import OutputFolderLock  # noqa: E402
 from diffenc_diffusers.training.step import TERM_NAMES  # noqa: E402
+from diffenc_diffusers.training.throughput import bf16_matmul_tflops, objective_flops_per_image  # noqa: E402
 
 logger = logging.getLogger("train_diffenc")
 
@@ -119,7 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Override the dropout of the denoiser and the encoder (None: the preset's).",
     )
-    model.add_argument("--gradient_checkpointing", action="store_true", help="Checkpoint the denoiser's blocks.")
+    model.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Checkpoint the blocks of the denoiser and the encoder (less memory, about a third more time).",
+    )
+    model.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the networks' repeated blocks (regional compilation; the encoder's forward-mode pass "
+        "included). The first steps compile.",
+    )
+    model.add_argument(
+        "--allow_tf32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="On CUDA GPUs, let float32 matrix products and convolutions use TF32 (--no-allow_tf32: exact float32).",
+    )
     model.add_argument(
         "--dtype",
         choices=tuple(PARAMETER_DTYPES),
@@ -530,6 +547,8 @@ class Trainer:
                 f"{self.global_batch} images, more than the {len(setup.train_set)} training images: every batch "
                 f"would hold images twice. Use --train_batch_size {len(setup.train_set) // self.world} or less."
             )
+        if accelerator.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
         if args.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16():
             logger.warning(
                 "--mixed_precision bf16 on a CPU without native bf16 instructions (AVX512-BF16 or AMX): oneDNN "
@@ -554,8 +573,20 @@ class Trainer:
         accelerator.wait_for_everyone()
 
         objective = setup.objective
-        if args.gradient_checkpointing:
-            objective.unet.enable_gradient_checkpointing()
+        # On CUDA: FLOPs per image and the chip's bf16 matrix rate, for the train/tflops_per_gpu logs (counted
+        # before checkpointing and compiling).
+        self.flops_per_image = self.peak_tflops = None
+        if accelerator.device.type == "cuda":
+            image_shape = (objective.unet.config.in_channels, args.resolution, args.resolution)
+            objective.to(accelerator.device)
+            self.flops_per_image = objective_flops_per_image(objective, image_shape, accelerator.device)
+            self.peak_tflops = bf16_matmul_tflops(accelerator.device)
+        networks = [net for net in (objective.unet, objective.encoder) if net is not None]
+        for network in networks:
+            if args.gradient_checkpointing:
+                network.enable_gradient_checkpointing()
+            if args.compile:
+                network.compile_repeated_blocks()
         optimizer = torch.optim.AdamW(
             parameter_groups(objective, args.adam_weight_decay),
             lr=args.learning_rate,
@@ -601,6 +632,7 @@ class Trainer:
                 LabeledImageDataset(setup.train_set, setup.train_labels),
                 batch_sampler=sampler,
                 num_workers=args.dataloader_num_workers,
+                pin_memory=accelerator.device.type == "cuda",
             )
         else:
             loader = DataLoader(
@@ -608,6 +640,7 @@ class Trainer:
                 batch_sampler=sampler,
                 num_workers=args.dataloader_num_workers,
                 collate_fn=torch.stack,
+                pin_memory=accelerator.device.type == "cuda",
             )
         self.batches = iter(loader)
         self.test_images = setup.test_set.to_tensor() if accelerator.is_main_process else None
@@ -668,6 +701,7 @@ class Trainer:
         """One update (:class:`TrainingStep`); returns and logs the mean terms (bits/dim), grad norm, lr, images/s."""
         started = time.perf_counter()
         output = self.step(self.batches, self.global_step)
+        elapsed = time.perf_counter() - started
         self.global_step += 1
         self.images_seen += output.num_images
         logs = {f"train/{name}": getattr(output, name) for name in TERM_NAMES}
@@ -675,11 +709,14 @@ class Trainer:
             {
                 "train/grad_norm": output.grad_norm,
                 "train/lr": self.lr_scheduler.get_last_lr()[0],
-                "train/images_per_second": output.num_images / (time.perf_counter() - started),
+                "train/images_per_second": output.num_images / elapsed,
                 "train/ema_decay": self.ema.cur_decay_value or 0.0,
                 "train/epoch": self.images_seen / len(self.setup.train_set),
             }
         )
+        if self.flops_per_image is not None:
+            tflops = self.flops_per_image * output.num_images / self.world / elapsed / 1e12
+            logs.update({"train/tflops_per_gpu": tflops, "train/fraction_of_bf16_peak": tflops / self.peak_tflops})
         self.accelerator.log(logs, step=self.global_step)
         return logs
 

@@ -261,6 +261,10 @@ class _ForwardADConvolution:
                 f"padding_mode={self.padding_mode!r}, padding={self.padding!r}."
             )
 
+    use_custom_jvp = True
+    """Whether to run through `_ConvolutionFunction` (set by the owning model's tangent mode); `False`: the base
+    class's forward, the same values, traceable by `torch.compile`, with PyTorch's own forward-mode formula."""
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         r"""
         Args:
@@ -269,6 +273,8 @@ class _ForwardADConvolution:
         Returns:
             `torch.Tensor` of shape `(batch_size, out_channels, height_out, width_out)`.
         """
+        if not self.use_custom_jvp:
+            return super().forward(hidden_states)
         conv_args = (self.stride, self.padding, self.dilation, self.transposed, self.output_padding, self.groups)
         return _forward_ad_convolution(hidden_states, self.weight, self.bias, conv_args)
 
@@ -394,7 +400,8 @@ class UpcastGroupNorm(nn.GroupNorm):
             `_GroupNormFunction`) that is much cheaper than PyTorch's built-in one once reverse mode runs through
             it. The values and all
             derivatives are those of `F.group_norm`. `torch.compile` cannot trace a custom forward-mode formula
-            and leaves such a GroupNorm to eager mode (a graph break).
+            and leaves such a GroupNorm to eager mode (a graph break); the attribute `use_custom_jvp` (set by
+            [`DiffEncEncoderModel.set_tangent_mode`]) switches the formula off, leaving PyTorch's.
     """
 
     def __init__(
@@ -402,6 +409,7 @@ class UpcastGroupNorm(nn.GroupNorm):
     ):
         super().__init__(num_groups, num_channels, eps=eps)
         self.forward_ad_compatible = forward_ad_compatible
+        self.use_custom_jvp = True
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         r"""
@@ -415,7 +423,8 @@ class UpcastGroupNorm(nn.GroupNorm):
         # CUDA's group-norm kernels take only the plain contiguous layout (the CPU ones also channels_last).
         upcast = hidden_states.to(dtype).contiguous()
         args = (upcast, self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps)
-        normalized = _GroupNormFunction.apply(*args)[0] if self.forward_ad_compatible else F.group_norm(*args)
+        custom = self.forward_ad_compatible and self.use_custom_jvp
+        normalized = _GroupNormFunction.apply(*args)[0] if custom else F.group_norm(*args)
         return normalized.to(hidden_states.dtype)
 
     def forward_silu(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -497,6 +506,26 @@ def add_tangents(*tangents: Tangent) -> Tangent:
     for tangent in present[1:]:
         total = total + tangent
     return total
+
+
+REGIONAL_RECOMPILE_LIMIT = 64
+"""Dynamo's recompile limit while the networks' blocks are compiled regionally (see `RegionalCompilationMixin`)."""
+
+
+class RegionalCompilationMixin:
+    """What the denoiser and the encoder add to diffusers' `ModelMixin.compile_repeated_blocks` (regional compilation:
+    each ResNet and attention block compiled, the compiled code shared by every block of the same class)."""
+
+    _repeated_blocks = ("ResnetBlock", "AttentionBlock")
+
+    def compile_repeated_blocks(self, *args: object, **kwargs: object) -> None:
+        """diffusers' regional compilation, with dynamo's recompile limit raised to `REGIONAL_RECOMPILE_LIMIT`: one
+        block class serves blocks of several widths and options (in the encoder also with and without the tangent),
+        each a graph of its own, and past dynamo's default limit of 8 the rest would silently stay eager."""
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+        setattr(config, name, max(getattr(config, name), REGIONAL_RECOMPILE_LIMIT))
+        super().compile_repeated_blocks(*args, **kwargs)
 
 
 def check_int(name: str, value: object, minimum: int | None = None) -> None:
@@ -602,15 +631,26 @@ class ResnetBlock(nn.Module):
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
 
-    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        tangent: Tangent = None,
+        temb_tangent: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         r"""
         Args:
             hidden_states (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`).
             temb (`torch.Tensor` of shape `(batch_size, temb_channels)`): The gamma embedding.
+            tangent, temb_tangent (*optional*): With `temb_tangent` given, the block returns
+                [`~ResnetBlock.forward_and_tangent`] instead (through `forward`, so that a compiled block compiles
+                both).
 
         Returns:
-            `torch.Tensor` of shape `(batch_size, out_channels, height, width)`.
+            `torch.Tensor` of shape `(batch_size, out_channels, height, width)`, or the output and its tangent.
         """
+        if temb_tangent is not None:
+            return self.forward_and_tangent(hidden_states, tangent, temb, temb_tangent)
         h = self.conv1(self.norm1.forward_silu(hidden_states))
         h = h + self.cond_proj(temb)[:, :, None, None]
         h = self.conv2(self.dropout(self.norm2.forward_silu(h)))
@@ -703,14 +743,21 @@ class AttentionBlock(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, tangent: Tangent = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         r"""
         Args:
             hidden_states (`torch.Tensor` of shape `(batch_size, channels, height, width)`).
+            tangent (`torch.Tensor` of the same shape, *optional*): With it, the block returns
+                [`~AttentionBlock.forward_and_tangent`] instead (through `forward`, so that a compiled block compiles
+                both).
 
         Returns:
-            `torch.Tensor` of shape `(batch_size, channels, height, width)`.
+            `torch.Tensor` of shape `(batch_size, channels, height, width)`, or the output and its tangent.
         """
+        if tangent is not None:
+            return self.forward_and_tangent(hidden_states, tangent)
         batch_size, channels, height, width = hidden_states.shape
         head_dim = channels // self.num_heads
         tokens = self.norm(hidden_states).flatten(2).transpose(1, 2)

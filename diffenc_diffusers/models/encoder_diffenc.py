@@ -15,6 +15,7 @@ from .blocks import (
     AttentionBlock,
     ForwardADConv2d,
     ForwardADConvTranspose2d,
+    RegionalCompilationMixin,
     ResnetBlock,
     Tangent,
     UpcastGroupNorm,
@@ -126,9 +127,7 @@ class EncoderDownBlock(nn.Module):
             `tuple`: (pooled output, its tangent) and (skip connection, its tangent).
         """
         for resnet in self.resnets:
-            hidden_states, tangent = _checkpointed(
-                self, resnet.forward_and_tangent, hidden_states, tangent, temb, temb_tangent
-            )
+            hidden_states, tangent = _checkpointed(self, resnet, hidden_states, temb, tangent, temb_tangent)
         return _max_pool_and_tangent(hidden_states, tangent), (hidden_states, tangent)
 
 
@@ -201,13 +200,11 @@ class EncoderUpBlock(nn.Module):
         hidden_states = torch.cat([upsampled, skip[0]], dim=1)
         tangent = torch.cat([upsampled_tangent, skip[1]], dim=1)
         for resnet in self.resnets:
-            hidden_states, tangent = _checkpointed(
-                self, resnet.forward_and_tangent, hidden_states, tangent, temb, temb_tangent
-            )
+            hidden_states, tangent = _checkpointed(self, resnet, hidden_states, temb, tangent, temb_tangent)
         return hidden_states, tangent
 
 
-class DiffEncEncoderModel(ModelMixin, ConfigMixin):
+class DiffEncEncoderModel(RegionalCompilationMixin, ModelMixin, ConfigMixin):
     r"""
     The DiffEnc encoder network ``y_phi(x, gamma) = tanh(h)``, with ``h`` a small multi-resolution U-Net
     conditioned on gamma (= -log SNR). The trainable DiffEnc encoding is
@@ -361,7 +358,7 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
             ClassEmbedding(num_class_embeds, temb_channels, null_class) if num_class_embeds is not None else None
         )
         self.gradient_checkpointing = False
-        self.tangent_mode = "explicit"
+        self.set_tangent_mode("explicit")
 
     def set_tangent_mode(self, mode: str) -> None:
         r"""
@@ -371,8 +368,9 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
 
         - `"explicit"` (default): [`~DiffEncEncoderModel.forward_and_tangent`], which computes the output and its
           tangent with plain operations, so that reverse mode runs through both, `torch.compile` traces it and
-          gradient checkpointing applies. Used only when gamma alone carries the tangent; a tangent on `sample` or
-          on a parameter falls back to `"autograd"`.
+          gradient checkpointing applies. Used when gamma alone carries the tangent; any other forward-mode use
+          (a tangent on `sample` or on a parameter, `torch.func.jvp`) gets PyTorch's own formulas, and the plain
+          forward pass uses no custom autograd function (it traces without graph breaks).
         - `"autograd"`: PyTorch's forward-mode AD through the network, with the hand-written rules of the
           GroupNorms and convolutions (`torch.compile` breaks the graph at each of them; gradient checkpointing is
           not applied to a forward-mode pass).
@@ -383,6 +381,9 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
         if mode not in TANGENT_MODES:
             raise ValueError(f"`mode` must be one of {list(TANGENT_MODES)}; got {mode!r}.")
         self.tangent_mode = mode
+        for module in self.modules():
+            if isinstance(module, (UpcastGroupNorm, ForwardADConv2d, ForwardADConvTranspose2d)):
+                module.use_custom_jvp = mode == "autograd"
 
     @property
     def downsample_factor(self) -> int:
@@ -482,9 +483,9 @@ class DiffEncEncoderModel(ModelMixin, ConfigMixin):
             (h, dh), skip = down_block.forward_and_tangent(h, dh, temb, temb_tangent)
             skips.append(skip)
 
-        h, dh = _checkpointed(self, self.mid_block_1.forward_and_tangent, h, dh, temb, temb_tangent)
-        h, dh = _checkpointed(self, self.mid_attention.forward_and_tangent, h, dh)
-        h, dh = _checkpointed(self, self.mid_block_2.forward_and_tangent, h, dh, temb, temb_tangent)
+        h, dh = _checkpointed(self, self.mid_block_1, h, temb, dh, temb_tangent)
+        h, dh = _checkpointed(self, self.mid_attention, h, dh)
+        h, dh = _checkpointed(self, self.mid_block_2, h, temb, dh, temb_tangent)
 
         for up_block in self.up_blocks:
             h, dh = up_block.forward_and_tangent(h, dh, skips.pop(), temb, temb_tangent)

@@ -10,6 +10,7 @@ from torch import nn
 
 from .blocks import (
     AttentionBlock,
+    RegionalCompilationMixin,
     ResnetBlock,
     UpcastGroupNorm,
     check_bool,
@@ -37,7 +38,7 @@ class VDMUNetOutput(BaseOutput):
     sample: torch.Tensor
 
 
-class VDMUNetModel(ModelMixin, ConfigMixin):
+class VDMUNetModel(RegionalCompilationMixin, ModelMixin, ConfigMixin):
     r"""
     The VDM score network (``ScoreUNet`` of Kingma et al. 2021): a U-Net without down-sampling, conditioned
     on gamma (= -log SNR), whose output adds its input (``pred = net(z) + z``, VDM's base measure).

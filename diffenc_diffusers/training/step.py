@@ -181,7 +181,7 @@ class TrainingStep:
         synchronised = False
         for micro_step in range(accelerator.gradient_accumulation_steps):
             images, labels = self._images_and_labels(next(batches))
-            images = images.to(device)
+            images = images.to(device, non_blocking=True)
             per_rank = len(images)
             draws = step_randomness(
                 self.seed, step, micro_step, per_rank * world, tuple(images.shape[1:]), rank, per_rank
@@ -190,7 +190,7 @@ class TrainingStep:
             if self.random_flip:
                 images = torch.where(draws["flip"].view(-1, 1, 1, 1), images.flip(-1), images)
             if labels is not None:
-                labels = labels.to(device)
+                labels = labels.to(device, non_blocking=True)
                 if self.class_dropout_prob > 0:
                     dropped = draws["label_uniform"] < self.class_dropout_prob
                     labels = torch.where(dropped, torch.full_like(labels, self.null_label), labels)
@@ -209,8 +209,9 @@ class TrainingStep:
                     grad_norm, synchronised = norms[0], True
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            sums = [terms[name].detach().double().sum() for name in TERM_NAMES]
-            totals += torch.stack([*sums, torch.tensor(float(per_rank), dtype=torch.float64, device=device)])
+            # In place, with the image count as a Python number: no tensor made on the host and copied per step.
+            totals[:-1] += torch.stack([terms[name].detach().double().sum() for name in TERM_NAMES])
+            totals[-1] += per_rank
         self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.step(self.parameters)
