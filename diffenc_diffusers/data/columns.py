@@ -32,6 +32,13 @@ def _typed(columns: Mapping[str, Any], feature_name: str) -> list[str]:
     return [name for name, feature in columns.items() if isinstance(feature, feature_class)]
 
 
+def _existing(name: str, columns: Mapping[str, Any], among: str, argument: str) -> str:
+    """``name`` if it is one of the columns; else a ``ValueError`` naming the argument and listing the columns."""
+    if name not in columns:
+        raise ValueError(f"{argument} {name!r} is not among {among}: {list(columns)}.")
+    return name
+
+
 def find_image_column(
     columns: Mapping[str, Any], image_column: str | None, among: str, argument: str = "`image_column`"
 ) -> str:
@@ -48,11 +55,9 @@ def find_image_column(
     Raises:
         ValueError: ``image_column`` is not a column, or no single column can be told to hold the images.
     """
-    names = list(columns)
     if image_column is not None:
-        if image_column not in columns:
-            raise ValueError(f"{argument} {image_column!r} is not among {among}: {names}.")
-        return image_column
+        return _existing(image_column, columns, among, argument)
+    names = list(columns)
     typed = _typed(columns, "Image")
     if len(typed) > 1:
         raise ValueError(
@@ -85,11 +90,9 @@ def find_label_column(
         required_by: why labels are needed (e.g. "This pipeline is class-conditional"): then finding none is a
             ``ValueError`` that starts with it; ``None`` when unlabelled data is fine.
     """
-    names = list(columns)
     if label_column is not None:
-        if label_column not in columns:
-            raise ValueError(f"{argument} {label_column!r} is not among {among}: {names}.")
-        return label_column
+        return _existing(label_column, columns, among, argument)
+    names = list(columns)
     typed = _typed(columns, "ClassLabel")
     named = [name for name in names if name in LABEL_KEYS]
     candidates = typed if typed else named
