@@ -22,7 +22,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 import huggingface_hub
-from diffusers import DiffusionPipeline, ModelMixin
+from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin
 from huggingface_hub import (
     CommitInfo,
     CommitOperationAdd,
@@ -35,9 +35,7 @@ from huggingface_hub import (
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from .models import DiffEncEncoderModel, VDMUNetModel
 from .objective import network_classes
-from .scheduling_vdm import VDMScheduler
 
 MODEL_INDEX_NAME = "model_index.json"
 MODEL_CARD_NAME = "README.md"
@@ -47,10 +45,6 @@ MODEL_CARD_TAGS = ["diffenc", "vdm", "diffusion", "likelihood", "unconditional-i
 CLASS_CONDITIONAL_TAG = "class-conditional"
 """The tag of a class-conditional model's card, which replaces "unconditional-image-generation"."""
 
-COMPONENT_CLASSES_BY_NAME: dict[str, type] = {
-    component_class.__name__: component_class for component_class in (VDMUNetModel, VDMScheduler, DiffEncEncoderModel)
-}
-"""The classes a component of a DiffEnc pipeline may have, by the class name model_index.json records."""
 
 DEFAULT_LICENSE = "apache-2.0"
 """The license a model card declares unless told otherwise (the license of diffenc-diffusers)."""
@@ -69,7 +63,6 @@ LOCAL_PATH_KEYS = ("_name_or_path",)
 
 _VARIANT = re.compile(r"[A-Za-z0-9_-]+")
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])(?:[A-Za-z]:[\\/]|~/|/)[^\s'\"|,;()\[\]{}<>]+")
-
 
 
 def read_model_index(folder: str | os.PathLike) -> dict[str, Any]:
@@ -117,14 +110,20 @@ def pipeline_file_patterns(components: Iterable[str]) -> list[str]:
 
 
 def component_class(model_index: Mapping[str, Any], name: str) -> type:
-    """The DiffEnc class model_index.json records for the component `name` (ValueError for any other class)."""
+    """The class model_index.json records for the component `name`: one of the configurable classes (models,
+    schedulers) that diffenc_diffusers exports in its `__all__`, which the shipped code file re-exports;
+    ValueError otherwise."""
+    import diffenc_diffusers
+
+    exported = {n: getattr(diffenc_diffusers, n) for n in diffenc_diffusers.__all__}
+    classes = {n: value for n, value in exported.items() if isinstance(value, type) and issubclass(value, ConfigMixin)}
     class_name = model_index[name][1]
-    if class_name not in COMPONENT_CLASSES_BY_NAME:
+    if class_name not in classes:
         raise ValueError(
             f"model_index.json records the component {name!r} as {class_name!r}; a DiffEnc pipeline's components "
-            f"are {sorted(COMPONENT_CLASSES_BY_NAME)}."
+            f"are classes of diffenc_diffusers: {sorted(classes)}."
         )
-    return COMPONENT_CLASSES_BY_NAME[class_name]
+    return classes[class_name]
 
 
 def pipeline_files(folder: str | os.PathLike, variant: str | None = None) -> list[str]:

@@ -12,7 +12,7 @@ package, so the weights are always run by the installed, reviewed package and ne
 """
 
 try:
-    from diffenc_diffusers import DiffEncEncoderModel, DiffEncPipeline, VDMScheduler, VDMUNetModel
+    import diffenc_diffusers
 except ImportError as error:
     raise ImportError(
         "This is a DiffEnc pipeline: loading it needs the diffenc-diffusers package, which is not installed "
@@ -20,4 +20,6 @@ except ImportError as error:
         "diffenc-diffusers), then load the pipeline again."
     ) from error
 
-__all__ = ["DiffEncEncoderModel", "DiffEncPipeline", "VDMScheduler", "VDMUNetModel"]
+# Every public class of the installed package (the pipeline, its models and schedulers), under its own name.
+__all__ = list(diffenc_diffusers.__all__)
+globals().update({name: getattr(diffenc_diffusers, name) for name in __all__})

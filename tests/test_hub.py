@@ -638,9 +638,11 @@ def test_folders_saved_before_the_code_file_still_load(fake_hub, tmp_path):
 def test_the_code_file_names_the_package_to_install_when_it_is_missing(monkeypatch):
     import runpy
 
+    import diffenc_diffusers
     from diffenc_diffusers import hub_code
 
-    assert hub_code.DiffEncPipeline is DiffEncPipeline
+    assert hub_code.__all__ == diffenc_diffusers.__all__ and hub_code.DiffEncPipeline is DiffEncPipeline
+    assert all(getattr(hub_code, name) is getattr(diffenc_diffusers, name) for name in hub_code.__all__)
     monkeypatch.setitem(sys.modules, "diffenc_diffusers", None)
     with pytest.raises(ImportError, match=r"needs the diffenc-diffusers package.*not on PyPI.*pip install -e \."):
         runpy.run_path(hub_code.__file__)
@@ -713,3 +715,13 @@ def test_model_card_metadata_has_the_license_and_the_test_bits_per_dim(fake_hub)
     assert hub.make_model_card(make_pipeline("none"), "org/c10", bpd=float("nan")).data.eval_results is None
     provenance = {"license_id": "other", "license_link": "https://x.org/l"}
     assert hub.make_model_card(make_pipeline("none"), "org/c10", provenance=provenance).data.license == "other"
+
+
+def test_a_component_class_the_package_does_not_export_is_a_clear_error(fake_hub, tmp_path):
+    make_pipeline("none").save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "DDIMScheduler"]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"records the component 'scheduler' as 'DDIMScheduler'.*'VDMScheduler'"):
+        hub.upload_pipeline_folder(make_pipeline("none"), tmp_path, "org/x")
+    assert fake_hub["create_repo"] == []
