@@ -116,7 +116,7 @@ def sinusoidal_frequencies(embedding_dim: int, like: torch.Tensor) -> torch.Tens
     return torch.exp(exponent * (-math.log(10000.0) / (half_dim - 1)))
 
 
-def base2_fourier_features(sample: torch.Tensor, exponents: Sequence[int]) -> torch.Tensor:
+def base2_fourier_features(sample: torch.Tensor, exponents: Sequence[int] | torch.Tensor) -> torch.Tensor:
     r"""
     VDM's base-2 Fourier features of the input: ``sin`` and ``cos`` of ``sample * 2**n * 2 * pi`` for each
     ``n`` in `exponents`.
@@ -127,7 +127,8 @@ def base2_fourier_features(sample: torch.Tensor, exponents: Sequence[int]) -> to
 
     Args:
         sample (`torch.Tensor` of shape `(batch_size, channels, height, width)`): Typically in `[-1, 1]`.
-        exponents (`Sequence[int]`): Non-empty; VDM uses `[6, 7]`.
+        exponents (`Sequence[int]` or an integer `torch.Tensor`): Non-empty; VDM uses `[6, 7]`. A tensor on the
+            sample's device avoids a host-to-device copy per call.
 
     Returns:
         `torch.Tensor` of shape `(batch_size, 2 * channels * len(exponents), height, width)`; values in
@@ -137,9 +138,14 @@ def base2_fourier_features(sample: torch.Tensor, exponents: Sequence[int]) -> to
         raise ValueError("`exponents` must hold at least one exponent; got an empty sequence.")
     compute_dtype = _compute_dtype(sample.dtype)
     channels = sample.shape[1]
-    frequencies = torch.tensor(
-        [2.0**n * 2.0 * math.pi for n in exponents], dtype=compute_dtype, device=sample.device
-    ).repeat(channels)
+    if not isinstance(exponents, torch.Tensor):
+        exponents = torch.tensor(list(exponents), dtype=torch.int64)
+    # 2 pi 2^n, made where the sample is from integer exponents already there (an int64 buffer of the denoiser): a
+    # tensor made on the host would be copied to the GPU on every call, and that copy waits for the queued work.
+    # Scaling by 2^n is exact, so these are the correctly rounded 2^(n+1) pi.
+    exponents = exponents.to(sample.device)
+    two_pi = torch.full(exponents.shape, 2.0 * math.pi, dtype=compute_dtype, device=sample.device)
+    frequencies = torch.ldexp(two_pi, exponents).repeat(channels)
     arguments = sample.to(compute_dtype).repeat_interleave(len(exponents), dim=1)
     arguments = arguments * frequencies[None, :, None, None]
     return torch.cat([torch.sin(arguments), torch.cos(arguments)], dim=1).to(sample.dtype)

@@ -133,6 +133,10 @@ class VDMUNetModel(RegionalCompilationMixin, ModelMixin, ConfigMixin):
 
         temb_channels = 4 * hidden_channels
         self.time_embedding = GammaEmbedding(hidden_channels, gamma_min, gamma_max)
+        # The exponents as a tensor that follows the model to its device (int64: `.to(dtype)` leaves it alone).
+        self.register_buffer(
+            "fourier_exponents_tensor", torch.tensor(self.fourier_exponents, dtype=torch.int64), persistent=False
+        )
         conv_in_channels = in_channels * (1 + 2 * len(self.fourier_exponents))
         self.conv_in = nn.Conv2d(conv_in_channels, hidden_channels, kernel_size=3, padding=1)
 
@@ -202,7 +206,7 @@ class VDMUNetModel(RegionalCompilationMixin, ModelMixin, ConfigMixin):
 
         h = sample
         if self.fourier_exponents:
-            h = torch.cat([sample, base2_fourier_features(sample, self.fourier_exponents)], dim=1)
+            h = torch.cat([sample, base2_fourier_features(sample, self.fourier_exponents_tensor)], dim=1)
         h = self.conv_in(h)
 
         skips = [h]
